@@ -1,0 +1,123 @@
+"""The ``slimmer`` command: ``apply`` compresses a model with a recipe, ``validate`` checks a recipe.
+
+Exit codes: 0 success, 2 bad input (recipe, model file, data), 3 a check failed (ONNX parity,
+a broken compressed model), 1 internal error, 130 interrupted. Errors go to stderr as one line;
+the result table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from slimmer.errors import InputError, SlimmerError
+
+logger = logging.getLogger("slimmer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimmer", description="Compress a trained PyTorch CNN and prove the speed-up.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    apply = commands.add_parser("apply", help="compress a model with a recipe and export ONNX with a report")
+    apply.add_argument("recipe", type=Path, help="recipe YAML file")
+    apply.add_argument("model", type=Path, help="model file: a checkpoint or state_dict written by torch.save")
+    apply.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default: out)")
+    apply.add_argument("--force", action="store_true", help="replace an existing output folder")
+    apply.add_argument("--allow-pickle", action="store_true",
+                       help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
+    apply.add_argument("--quiet", action="store_true", help="print only errors")
+    apply.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    apply.add_argument("-v", "--verbose", action="store_true", help="log every layer change")
+
+    validate = commands.add_parser("validate", help="check a recipe without loading a model")
+    validate.add_argument("recipe", type=Path)
+    for command in (apply, validate):
+        command.epilog = ("Recipe overrides go anywhere after the command as key=value, parsed as YAML, for example "
+                          "seed=1 steps[0].decompose.rank.ratio=0.4")
+    return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse options; every other argument of the form key=value is a recipe override."""
+    parser = _parser()
+    arguments, extra = parser.parse_known_args(argv)
+    arguments.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in arguments.overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return arguments
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    if not verbose:
+        for noisy in ("slimmer.decompose", "slimmer.prune", "slimmer.cost", "slimmer.export"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _run_validate(arguments: argparse.Namespace) -> int:
+    from slimmer.recipe import load_recipe
+
+    recipe = load_recipe(arguments.recipe, arguments.overrides)
+    print(f"{arguments.recipe}: valid ({len(recipe.steps)} steps: "
+          f"{', '.join(type(step).__name__.removesuffix('Step').lower() for step in recipe.steps) or 'none'})")
+    return 0
+
+
+def _run_apply(arguments: argparse.Namespace) -> int:
+    from slimmer.model_io import load_model
+    from slimmer.pipeline import apply, search_path
+    from slimmer.recipe import load_recipe
+    from slimmer.report import format_summary
+
+    recipe = load_recipe(arguments.recipe, arguments.overrides)
+    output = arguments.output
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not arguments.force:
+        raise InputError(f"output folder {output} already exists and is not empty; pass --force to replace it")
+    if output.resolve() == arguments.model.resolve() or arguments.model.resolve().is_relative_to(output.resolve()):
+        raise InputError(f"output folder {output} contains the input model {arguments.model}; choose another -o")
+
+    folders = search_path(recipe)
+    model_config = recipe.model
+    model = load_model(arguments.model, model_config.architecture, model_config.kwargs, model_config.state_dict_key,
+                       model_config.strip_prefix, arguments.allow_pickle or model_config.allow_pickle, folders)
+    architecture = None
+    if model_config.architecture is not None:
+        architecture = {"architecture": model_config.architecture, "kwargs": model_config.kwargs,
+                        "python_path": [str(folder) for folder in folders]}
+
+    _, report = apply(model, recipe, output_dir=output, progress=not arguments.quiet and sys.stderr.isatty(),
+                      architecture=architecture)
+    if arguments.json:
+        print(json.dumps(report, indent=2, default=str))
+    elif not arguments.quiet:
+        print(format_summary(report))
+        print(f"\nWrote {output}/: model.onnx, model.pt, report.json, report.md, recipe.resolved.yaml")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _parse(argv)
+    _configure_logging(getattr(arguments, "quiet", False), getattr(arguments, "verbose", False))
+    try:
+        if arguments.command == "validate":
+            return _run_validate(arguments)
+        return _run_apply(arguments)
+    except SlimmerError as error:
+        print(f"slimmer: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("slimmer: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Finding layers by qualified name and replacing modules in place of others."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+
+from torch import nn
+
+from slimmer.layers import TuckerBottleneck
+
+REWRITTEN_TYPES = (TuckerBottleneck,)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the qualified ``name`` (for example ``layer1.0.conv1``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name)
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def matches(name: str, include: list[str], exclude: list[str]) -> bool:
+    """Glob match on the qualified name: selected by any include pattern and by no exclude pattern."""
+    included = any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
+    return included and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def iter_convolutions(model: nn.Module, skip_rewritten: bool = True) -> Iterator[tuple[str, nn.Conv2d]]:
+    """Yield ``(qualified name, conv)`` for every nn.Conv2d, leaving out those inside slimmer's own modules."""
+    rewritten: list[str] = []
+    for name, module in model.named_modules():
+        if skip_rewritten and isinstance(module, REWRITTEN_TYPES):
+            rewritten.append(name + ".")
+            continue
+        if any(name.startswith(prefix) for prefix in rewritten):
+            continue
+        if isinstance(module, nn.Conv2d):
+            yield name, module
+
+
+def shared_modules(model: nn.Module) -> set[int]:
+    """Ids of modules reachable under more than one qualified name (weights shared between places)."""
+    seen: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        seen[id(module)] = seen.get(id(module), 0) + 1
+    return {key for key, count in seen.items() if count > 1}

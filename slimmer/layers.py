@@ -1,0 +1,102 @@
+"""Modules that slimmer's rewrites put into a model.
+
+They are plain ``nn.Sequential`` containers of ``nn.Conv2d`` layers, so that torch-pruning,
+ONNX export and onnxruntime see nothing but standard convolutions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class TuckerBottleneck(nn.Sequential):
+    """Tucker-2 bottleneck: 1x1 reduce ``I -> r_in``, k x k core ``r_in -> r_out``, 1x1 expand ``r_out -> O``.
+
+    The core alone keeps stride, padding, dilation and padding_mode; the expand carries the bias.
+    A factor whose rank equals the full channel count is folded into the core and left out, so a
+    bottleneck has two or three layers. Input ``(N, I, H, W)``, output ``(N, O, H', W')`` as the
+    replaced convolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        rank_in: int,
+        rank_out: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: Any = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        padding_mode: str = "zeros",
+        bias: bool = False,
+        keep_full_rank_factors: bool = False,
+    ):
+        super().__init__()
+        has_reduce = keep_full_rank_factors or rank_in < in_channels
+        has_expand = keep_full_rank_factors or rank_out < out_channels
+        core_in = rank_in if has_reduce else in_channels
+        core_out = rank_out if has_expand else out_channels
+
+        if has_reduce:
+            self.add_module("reduce", nn.Conv2d(in_channels, rank_in, 1, bias=False))
+        self.add_module(
+            "core",
+            nn.Conv2d(
+                core_in, core_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                padding_mode=padding_mode, bias=bias and not has_expand,
+            ),
+        )
+        if has_expand:
+            self.add_module("expand", nn.Conv2d(rank_out, out_channels, 1, bias=bias))
+
+    @property
+    def rank_in(self) -> int:
+        return self.core.in_channels
+
+    @property
+    def rank_out(self) -> int:
+        return self.core.out_channels
+
+    @property
+    def in_channels(self) -> int:
+        first = self.reduce if hasattr(self, "reduce") else self.core
+        return first.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        last = self.expand if hasattr(self, "expand") else self.core
+        return last.out_channels
+
+    def spec(self) -> dict[str, Any]:
+        """Describe the structure, enough to rebuild the module before loading its state_dict."""
+        core = self.core
+        return {
+            "form": "bottleneck",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "rank_in": self.rank_in,
+            "rank_out": self.rank_out,
+            "kernel_size": list(core.kernel_size),
+            "stride": list(core.stride),
+            "padding": core.padding if isinstance(core.padding, str) else list(core.padding),
+            "dilation": list(core.dilation),
+            "padding_mode": core.padding_mode,
+            "bias": any(layer.bias is not None for layer in self),
+            "keep_full_rank_factors": hasattr(self, "reduce") and hasattr(self, "expand")
+            and (self.rank_in == self.in_channels or self.rank_out == self.out_channels),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TuckerBottleneck:
+        arguments = {key: value for key, value in spec.items() if key != "form"}
+        for key in ("kernel_size", "stride", "dilation"):
+            arguments[key] = tuple(arguments[key])
+        if not isinstance(arguments["padding"], str):
+            arguments["padding"] = tuple(arguments["padding"])
+        return cls(**arguments)
+
+
+REPLACEMENT_FORMS = {"bottleneck": TuckerBottleneck}

@@ -1,0 +1,292 @@
+"""Loading models safely and saving compressed ones.
+
+``model.pt`` may be a checkpoint dict, a bare state_dict, or (only when the user opts in) a whole
+pickled ``nn.Module``. Checkpoints are read with ``torch.load(weights_only=True)``, which cannot
+run code from the file. The input file is only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimmer.errors import ModelLoadError
+from slimmer.graph import get_module, set_module
+from slimmer.layers import REPLACEMENT_FORMS
+
+logger = logging.getLogger(__name__)
+
+COMPRESSED_FORMAT = "slimmer.compressed/1"
+AUTO_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def import_callable(target: str, search_path: list[Path] | None = None, what: str = "callable") -> Callable[..., Any]:
+    """Import ``'package.module:attribute'``; ``search_path`` folders are tried first."""
+    module_name, separator, attribute = target.partition(":")
+    if not separator or not module_name or not attribute:
+        raise ModelLoadError(f"{what} {target!r} is not 'package.module:callable' (for example 'torchvision.models:resnet18')")
+    added = [str(folder) for folder in search_path or [] if str(folder) not in sys.path]
+    sys.path[:0] = added
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelLoadError(f"cannot import module {module_name!r} for {what} {target!r}: {error}; "
+                             "check the name and model.python_path") from None
+    finally:
+        for folder in added:
+            sys.path.remove(folder)
+    try:
+        found = getattr(module, attribute)
+    except AttributeError:
+        raise ModelLoadError(f"module {module_name!r} has no attribute {attribute!r} ({what} {target!r})") from None
+    if not callable(found):
+        raise ModelLoadError(f"{what} {target!r} is not callable")
+    return found
+
+
+def build_architecture(architecture: str, kwargs: dict[str, Any], search_path: list[Path] | None = None) -> nn.Module:
+    builder = import_callable(architecture, search_path, "model.architecture")
+    try:
+        model = builder(**kwargs)
+    except TypeError as error:
+        raise ModelLoadError(f"model.architecture {architecture!r} rejected kwargs {kwargs}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model.architecture {architecture!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file is empty: {path}")
+
+
+def _sniff_format(path: Path) -> str:
+    """Return 'zip', 'torchscript', 'legacy' (pickle-based torch.save) or 'unknown'."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+            return "torchscript"
+        if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+            return "zip"
+        return "unknown"
+    if head[:1] == b"\x80":
+        return "legacy"
+    return "unknown"
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot read {path}: the file is corrupt or truncated ({detail})") from None
+
+
+def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
+    """Read ``path`` with torch.load; a whole pickled module needs ``allow_pickle``."""
+    path = Path(path)
+    _check_file(path)
+    kind = _sniff_format(path)
+    if kind == "torchscript":
+        raise ModelLoadError(
+            f"{path} is a TorchScript archive; slimmer rewrites nn.Module code, so save the eager model's "
+            "state_dict (torch.save(model.state_dict(), path)) and name its class in model.architecture"
+        )
+    if kind == "unknown":
+        raise ModelLoadError(
+            f"{path} is not a PyTorch checkpoint (expected a file written by torch.save, such as a state_dict)"
+        )
+    try:
+        return _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path} holds pickled Python objects (for example a whole nn.Module), and unpickling runs code "
+                "from the file; if you trust it, pass --allow-pickle (or set model.allow_pickle: true), "
+                "otherwise save model.state_dict() instead"
+            ) from None
+        logger.warning("Unpickling %s with weights_only=False because allow_pickle is set", path)
+        try:
+            return _torch_load(path, weights_only=False)
+        except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError) as inner:
+            raise ModelLoadError(f"cannot unpickle {path}: {inner}; the classes it names must be importable") from None
+
+
+def _find_state_dict(checkpoint: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(checkpoint, Mapping):
+        raise ModelLoadError(f"{path} holds a {type(checkpoint).__name__}, expected a state_dict or a checkpoint dict")
+    if key == "auto":
+        if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            return dict(checkpoint)
+        for candidate in AUTO_KEYS:
+            if isinstance(checkpoint.get(candidate), Mapping):
+                return dict(checkpoint[candidate])
+        raise ModelLoadError(
+            f"{path} has keys {sorted(map(str, checkpoint))[:8]} and no state_dict among them; "
+            "set model.state_dict_key to the key that holds the weights"
+        )
+    if key is None:
+        return dict(checkpoint)
+    if key not in checkpoint:
+        raise ModelLoadError(
+            f"{path} has no key {key!r} (found {sorted(map(str, checkpoint))[:8]}); fix model.state_dict_key"
+        )
+    if not isinstance(checkpoint[key], Mapping):
+        raise ModelLoadError(f"{path}[{key!r}] is a {type(checkpoint[key]).__name__}, not a state_dict")
+    return dict(checkpoint[key])
+
+
+def _strip_prefix(state_dict: dict[str, Any], prefix: str | None) -> dict[str, Any]:
+    if prefix and state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Any], source: str) -> None:
+    """Load ``state_dict`` into ``model``; on any mismatch, raise with missing, unexpected and resized keys."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    resized = [
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and hasattr(state_dict[key], "shape") and state_dict[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or resized:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch (file vs model)", resized)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        raise ModelLoadError(
+            f"checkpoint {source} does not fit the architecture: {'; '.join(parts)}; "
+            "check model.architecture, its kwargs, model.state_dict_key and model.strip_prefix"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(
+    path: str | Path,
+    architecture: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    state_dict_key: str | None = "auto",
+    strip_prefix: str | None = "module.",
+    allow_pickle: bool = False,
+    search_path: list[Path] | None = None,
+) -> nn.Module:
+    """Load ``model.pt`` into an ``nn.Module`` in eval mode.
+
+    A state_dict (bare or inside a checkpoint) goes into ``architecture`` (``'package.module:callable'``),
+    strictly. A whole pickled module is accepted only with ``allow_pickle``.
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
+
+    if isinstance(checkpoint, Mapping) and checkpoint.get("format") == COMPRESSED_FORMAT:
+        return load_compressed(path, search_path=search_path, checkpoint=checkpoint)
+    if isinstance(checkpoint, nn.Module):
+        if isinstance(checkpoint, torch.jit.ScriptModule):
+            raise ModelLoadError(f"{path} holds a TorchScript module; save the eager model's state_dict instead")
+        return checkpoint.eval()
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), nn.Module):
+        return checkpoint["model"].eval()
+
+    state_dict = _strip_prefix(_find_state_dict(checkpoint, state_dict_key, path), strip_prefix)
+    if architecture is None:
+        raise ModelLoadError(
+            f"{path} holds a state_dict, so the recipe must name the model class: "
+            "set model.architecture to 'package.module:callable'"
+        )
+    model = build_architecture(architecture, kwargs or {}, search_path)
+    load_state_dict_strict(model, state_dict, str(path))
+    return model.eval()
+
+
+def _resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Give conv, batch-norm and linear layers the channel counts their saved weights have (after pruning)."""
+    for name, module in list(model.named_modules()):
+        weight = state_dict.get(f"{name}.weight" if name else "weight")
+        if weight is None or not hasattr(module, "weight") or module.weight is None:
+            continue
+        if tuple(weight.shape) == tuple(module.weight.shape):
+            continue
+        if isinstance(module, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(
+                weight.shape[1] * module.groups, weight.shape[0], module.kernel_size, module.stride,
+                module.padding, module.dilation, module.groups, module.bias is not None, module.padding_mode,
+            )
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(weight.shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
+        elif isinstance(module, nn.Linear):
+            new = nn.Linear(weight.shape[1], weight.shape[0], module.bias is not None)
+        else:
+            continue
+        set_module(model, name, new)
+
+
+def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None,
+                    replacements: dict[str, dict[str, Any]]) -> None:
+    """Write the compressed model: its state_dict plus what is needed to rebuild its structure.
+
+    With ``architecture`` (``{"architecture", "kwargs", "python_path"}``) the file loads with
+    ``weights_only=True`` through :func:`load_compressed`. Without it (the input was a pickled module)
+    the whole module is pickled, and loading it needs the same opt-in as the input did.
+    """
+    payload: dict[str, Any] = {
+        "format": COMPRESSED_FORMAT,
+        "architecture": architecture,
+        "replacements": replacements,
+        "state_dict": model.state_dict(),
+    }
+    if architecture is None:
+        payload["model"] = model
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def load_compressed(path: str | Path, search_path: list[Path] | None = None,
+                    checkpoint: Mapping[str, Any] | None = None) -> nn.Module:
+    """Rebuild a model written by :func:`save_compressed` and load its weights."""
+    path = Path(path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path, allow_pickle=False)
+    if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != COMPRESSED_FORMAT:
+        raise ModelLoadError(f"{path} is not a model written by slimmer ({COMPRESSED_FORMAT})")
+    if isinstance(checkpoint.get("model"), nn.Module):
+        return checkpoint["model"].eval()
+
+    architecture = checkpoint["architecture"]
+    folders = [Path(folder) for folder in architecture.get("python_path", [])] + list(search_path or [])
+    model = build_architecture(architecture["architecture"], architecture.get("kwargs", {}), folders)
+    for name, spec in checkpoint["replacements"].items():
+        form = REPLACEMENT_FORMS.get(spec.get("form"))
+        if form is None:
+            raise ModelLoadError(f"{path}: unknown replacement form {spec.get('form')!r} at {name}")
+        get_module(model, name)
+        set_module(model, name, form.from_spec(spec))
+    _resize_to_state_dict(model, checkpoint["state_dict"])
+    load_state_dict_strict(model, dict(checkpoint["state_dict"]), str(path))
+    return model.eval()

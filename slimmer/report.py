@@ -1,0 +1,191 @@
+"""Before/after cost report: report.json for tools, report.md and a printed table for people."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimmer.graph import get_module
+from slimmer.layers import TuckerBottleneck
+
+MACS_NOTE = ("One MAC is one multiply-add, per sample (batch size 1). Counted: convolutions and linear layers; "
+             "normalization, activations, pooling and additions are not counted.")
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts a measured number depends on."""
+    import onnx
+    import onnxruntime
+    import torch
+    import torch_pruning
+
+    from slimmer import __version__
+
+    return {
+        "slimmer": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+        "processor": _processor_name(),
+        "cpu_count": __import__("os").cpu_count(),
+    }
+
+
+def _processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe_layer(model: nn.Module, name: str) -> str:
+    try:
+        module = get_module(model, name)
+    except AttributeError:
+        return "removed"
+    if isinstance(module, TuckerBottleneck):
+        parts = [f"reduce {module.in_channels}->{module.rank_in}"] if hasattr(module, "reduce") else []
+        kernel = "x".join(map(str, module.core.kernel_size))
+        parts.append(f"core {module.core.in_channels}->{module.core.out_channels} {kernel}")
+        if hasattr(module, "expand"):
+            parts.append(f"expand {module.rank_out}->{module.out_channels}")
+        return "bottleneck: " + ", ".join(parts)
+    if isinstance(module, nn.Conv2d):
+        kernel = "x".join(map(str, module.kernel_size))
+        groups = f" groups={module.groups}" if module.groups != 1 else ""
+        return f"conv {module.in_channels}->{module.out_channels} {kernel}{groups}"
+    if isinstance(module, nn.Linear):
+        return f"linear {module.in_features}->{module.out_features}"
+    return type(module).__name__
+
+
+def layer_table(original: nn.Module, compressed: nn.Module, original_macs: dict[str, int],
+                compressed_macs: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per counted layer of the original model, with what it became and its MACs before and after."""
+    rows = []
+    for name, before_macs in original_macs.items():
+        after_macs = sum(macs for key, macs in compressed_macs.items() if key == name or key.startswith(name + "."))
+        module = get_module(compressed, name) if _exists(compressed, name) else None
+        row: dict[str, Any] = {
+            "name": name,
+            "before": describe_layer(original, name),
+            "after": describe_layer(compressed, name),
+            "macs_before": before_macs,
+            "macs_after": after_macs,
+        }
+        if isinstance(module, TuckerBottleneck):
+            row["rank_in"] = module.rank_in
+            row["rank_out"] = module.rank_out
+        rows.append(row)
+    return rows
+
+
+def _exists(model: nn.Module, name: str) -> bool:
+    try:
+        get_module(model, name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _ratio(after: float | None, before: float | None) -> float | None:
+    if after is None or not before:
+        return None
+    return after / before
+
+
+def summary_ratios(report: dict[str, Any]) -> dict[str, Any]:
+    original, compressed = report["original"], report["compressed"]
+    latency = {}
+    for batch, timing in compressed.get("latency_ms", {}).items():
+        base = original["latency_ms"].get(batch)
+        latency[batch] = _ratio(timing["median"], base["median"] if base else None)
+    return {
+        "params": _ratio(compressed["params"], original["params"]),
+        "macs": _ratio(compressed["macs"], original["macs"]),
+        "onnx_bytes": _ratio(compressed["onnx_bytes"], original["onnx_bytes"]),
+        "latency_median": latency,
+    }
+
+
+def _format_number(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value / 1e6:.3f} M"
+    return str(value)
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    original, compressed, ratios = report["original"], report["compressed"], report["ratios"]
+    rows = [
+        ("params", _format_number(original["params"]), _format_number(compressed["params"]), _format_number(ratios["params"])),
+        ("MACs", _format_number(original["macs"]), _format_number(compressed["macs"]), _format_number(ratios["macs"])),
+        ("ONNX bytes", _format_number(original["onnx_bytes"]), _format_number(compressed["onnx_bytes"]),
+         _format_number(ratios["onnx_bytes"])),
+    ]
+    threads = report.get("latency_protocol", {}).get("threads")
+    for batch, timing in compressed.get("latency_ms", {}).items():
+        base = original["latency_ms"][batch]
+        rows.append((f"latency ms, batch {batch}, {threads} thread(s), median",
+                     f"{base['median']:.3f}", f"{timing['median']:.3f}", _format_number(ratios["latency_median"][batch])))
+        rows.append((f"latency ms, batch {batch}, {threads} thread(s), p90", f"{base['p90']:.3f}", f"{timing['p90']:.3f}", ""))
+    accuracy_before, accuracy_after = original.get("accuracy"), compressed.get("accuracy")
+    delta = f"{accuracy_after - accuracy_before:+.2f} pts" if accuracy_before is not None and accuracy_after is not None else ""
+    rows.append(("top-1 %", _format_number(accuracy_before), _format_number(accuracy_after), delta))
+    return rows
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(row[index])) for row in [header, *rows]) for index in range(len(header))]
+    lines = ["| " + " | ".join(str(cell).ljust(width) for cell, width in zip(header, widths)) + " |",
+             "| " + " | ".join("-" * width for width in widths) + " |"]
+    lines += ["| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    return lines
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    return "\n".join(_table(("metric", "original", "compressed", "ratio"), summary_rows(report)))
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    parity = report.get("parity") or {}
+    lines = [f"# slimmer report: {report.get('recipe', 'recipe')}", "", format_summary(report), ""]
+    if parity:
+        lines += [f"ONNX parity on {parity['samples']} inputs: max abs diff {parity['max_abs_diff']:.3g}, "
+                  f"max rel diff {parity['max_rel_diff']:.3g} (tolerance atol={parity['atol']}, rtol={parity['rtol']}): "
+                  f"{'passed' if parity['passed'] else 'FAILED'}.", ""]
+    protocol = report.get("latency_protocol")
+    if protocol:
+        lines += [f"Latency: onnxruntime {protocol['provider']}, graph optimization {protocol['optimization']}, "
+                  f"{protocol['threads']} thread(s), {protocol['warmup']} warm-up runs then {protocol['runs']} timed runs, "
+                  "original and compressed interleaved.", ""]
+    lines += [MACS_NOTE, "", "## Layers", ""]
+    layer_rows = [(row["name"], row["before"], row["after"], _format_number(row["macs_before"]),
+                   _format_number(row["macs_after"])) for row in report["layers"]]
+    lines += _table(("layer", "before", "after", "MACs before", "MACs after"), layer_rows)
+    if report.get("skipped"):
+        lines += ["", "## Skipped", ""]
+        lines += _table(("pass", "layer", "reason"), [(row["pass"], row["name"], row["reason"]) for row in report["skipped"]])
+    environment_info = report.get("environment", {})
+    if environment_info:
+        lines += ["", "## Environment", ""]
+        lines += [f"- {key}: {value}" for key, value in environment_info.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")
