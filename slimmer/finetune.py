@@ -73,6 +73,7 @@ def finetune(model: nn.Module, config: FinetuneConfig, train_loader: DataLoader,
         teacher.eval()
 
     bar = _progress_bar(steps, progress)
+    log_every = max(steps // 10, 1)
     losses: list[float] = []
     step = 0
     model.train()
@@ -84,8 +85,12 @@ def finetune(model: nn.Module, config: FinetuneConfig, train_loader: DataLoader,
             scheduler.step()
             losses.append(loss)
             step += 1
+            recent_loss = sum(losses[-20:]) / len(losses[-20:])
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{recent_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if not progress and (step % log_every == 0 or step == steps):
+                logger.info("Fine-tune step %d/%d: loss %.4f, lr %.2e", step, steps, recent_loss,
+                            scheduler.get_last_lr()[0])
     bar.close()
     model.eval()
 

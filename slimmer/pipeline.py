@@ -19,6 +19,7 @@ from torch import nn
 from slimmer.cost import count_macs, count_params, measure_latency
 from slimmer.data import build_dataset, evaluate_top1, make_loader, sample_inputs
 from slimmer.decompose import decompose
+from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
 from slimmer.export import check_parity, export_onnx
 from slimmer.finetune import finetune
@@ -26,7 +27,7 @@ from slimmer.layers import TuckerBottleneck
 from slimmer.model_io import save_compressed
 from slimmer.passes import PassResult
 from slimmer.prune import prune
-from slimmer.recipe import DecomposeStep, FinetuneStep, PruneStep, Recipe, load_recipe, recipe_from_dict
+from slimmer.recipe import DecomposeStep, FinetuneStep, PruneStep, Recipe, RefitStep, load_recipe, recipe_from_dict
 from slimmer.report import environment, layer_table, summary_ratios, write_report
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 class Datasets:
     train: Any = None
     val: Any = None
+    calibration: Any = None
 
 
 @dataclass
@@ -73,8 +75,14 @@ def load_datasets(recipe: Recipe) -> Datasets:
         datasets.train = build_dataset(recipe.data.train, recipe.resolve_path, folders, recipe.seed, "data.train")
     if recipe.data.val is not None:
         datasets.val = build_dataset(recipe.data.val, recipe.resolve_path, folders, recipe.seed, "data.val")
+    if recipe.data.calibration is not None:
+        datasets.calibration = build_dataset(recipe.data.calibration, recipe.resolve_path, folders, recipe.seed,
+                                             "data.calibration")
     if any(isinstance(step, FinetuneStep) for step in recipe.steps) and datasets.train is None:
         raise InputError("the recipe has a finetune step but no data.train; add data.train or remove the step")
+    if (any(isinstance(step, RefitStep) for step in recipe.steps) and datasets.train is None
+            and datasets.calibration is None):
+        raise InputError("the recipe has a refit step but no data.calibration or data.train; add one of them")
     return datasets
 
 
@@ -86,6 +94,10 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
         started = time.perf_counter()
         if isinstance(step, DecomposeStep):
             result = decompose(model, step.decompose, context.example_input, inplace=True)
+        elif isinstance(step, RefitStep):
+            source = context.datasets.calibration if context.datasets.calibration is not None else context.datasets.train
+            images = sample_inputs(source, step.refit.images, context.recipe.model.input_shape, context.recipe.seed)
+            result = refit(model, teacher, step.refit, images, inplace=True)
         elif isinstance(step, PruneStep):
             result = prune(model, step.prune, context.example_input, inplace=True)
         elif isinstance(step, FinetuneStep):

@@ -123,8 +123,21 @@ class FinetuneConfig(_Strict):
         return self
 
 
+class RefitConfig(_Strict):
+    """Least-squares refit of each bottleneck's last layer so its output matches the original layer's."""
+
+    images: Annotated[int, Field(gt=0)] = Field(256, description="calibration images taken from data.calibration or data.train")
+    ridge: Annotated[float, Field(ge=0)] = Field(1e-3, description="ridge strength, relative to the mean feature energy")
+    recalibrate_bn: bool = Field(True, description="recompute batch-norm statistics on the calibration images after the refit")
+    batch_size: Annotated[int, Field(gt=0)] = 128
+
+
 class DecomposeStep(_Strict):
     decompose: DecomposeConfig
+
+
+class RefitStep(_Strict):
+    refit: RefitConfig
 
 
 class PruneStep(_Strict):
@@ -135,8 +148,10 @@ class FinetuneStep(_Strict):
     finetune: FinetuneConfig
 
 
-Step = Union[DecomposeStep, PruneStep, FinetuneStep]
-STEP_TYPES: dict[str, type[_Strict]] = {"decompose": DecomposeStep, "prune": PruneStep, "finetune": FinetuneStep}
+Step = Union[DecomposeStep, RefitStep, PruneStep, FinetuneStep]
+STEP_TYPES: dict[str, type[_Strict]] = {
+    "decompose": DecomposeStep, "refit": RefitStep, "prune": PruneStep, "finetune": FinetuneStep,
+}
 
 TRANSFORM_NAMES = (
     "to_tensor", "normalize", "resize", "center_crop", "random_crop", "random_resized_crop",
@@ -168,6 +183,7 @@ class DatasetConfig(_Strict):
 
 class DataConfig(_Strict):
     train: DatasetConfig | None = None
+    calibration: DatasetConfig | None = Field(None, description="images for refit; data.train when not given")
     val: DatasetConfig | None = None
     batch_size: Annotated[int, Field(gt=0)] = 256
     num_workers: Annotated[int, Field(ge=0)] = 0

@@ -1,0 +1,121 @@
+"""Reproduce the CIFAR ResNet results: run the shipped recipes and record the numbers in docs/results.md.
+
+    python bench/bench_resnet.py                 # ResNet-56 and ResNet-20 half-MACs recipes
+    python bench/bench_resnet.py --only resnet20 # one of them
+
+Each run is a real `slimmer apply` on the checkpoints in ../shared/models and the images in
+../shared/data. The targets checked for the ResNet-56 half-MACs recipe: MACs at most 0.5x,
+onnxruntime latency at most 0.7x at batch 1 and 0.6x at batch 32 (1 thread), top-1 at most
+2.5 points below the original. Exit code 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SHARED = REPOSITORY.parent / "shared"
+RESULTS_PAGE = REPOSITORY / "docs" / "results.md"
+OUTPUT_ROOT = REPOSITORY / "bench" / "out"
+
+RUNS = {
+    "resnet56": ("recipes/resnet56-half-macs.yaml", SHARED / "models" / "resnet56-cifar10-jpeg.th"),
+    "resnet20": ("recipes/resnet20-half-macs.yaml", SHARED / "models" / "resnet20-cifar10-jpeg.th"),
+}
+TARGETS = {"macs": 0.5, "latency_batch_1": 0.7, "latency_batch_32": 0.6, "accuracy_drop_points": 2.5}
+
+
+def run_recipe(name: str) -> tuple[dict, float]:
+    recipe, model = RUNS[name]
+    output = OUTPUT_ROOT / name
+    command = [sys.executable, "-m", "slimmer.cli", "apply", recipe, str(model), "-o", str(output), "--force"]
+    print("$ " + " ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPOSITORY, check=True)
+    return json.loads((output / "report.json").read_text()), time.perf_counter() - started
+
+
+def check_targets(report: dict) -> dict[str, tuple[float, float, bool]]:
+    """``{target: (measured, limit, met)}`` for the half-MACs targets."""
+    ratios = report["ratios"]
+    drop = report["original"]["accuracy"] - report["compressed"]["accuracy"]
+    measured = {
+        "macs": ratios["macs"],
+        "latency_batch_1": ratios["latency_median"]["1"],
+        "latency_batch_32": ratios["latency_median"]["32"],
+        "accuracy_drop_points": drop,
+    }
+    return {key: (value, TARGETS[key], value <= TARGETS[key]) for key, value in measured.items()}
+
+
+def results_section(name: str, report: dict, wall_s: float) -> list[str]:
+    original, compressed = report["original"], report["compressed"]
+    lines = [f"## {name}: `{RUNS[name][0]}`", "",
+             "| metric | original | compressed | ratio or change | target | met |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    checks = check_targets(report)
+
+    def row(label: str, before: str, after: str, change: str, key: str | None) -> None:
+        if key:
+            value, limit, met = checks[key]
+            lines.append(f"| {label} | {before} | {after} | {change} | <= {limit} | {'yes' if met else 'NO'} |")
+        else:
+            lines.append(f"| {label} | {before} | {after} | {change} | | |")
+
+    row("params", f"{original['params']:,}", f"{compressed['params']:,}", f"{report['ratios']['params']:.3f}x", None)
+    row("MACs per sample", f"{original['macs']:,}", f"{compressed['macs']:,}", f"{report['ratios']['macs']:.3f}x", "macs")
+    row("ONNX bytes", f"{original['onnx_bytes']:,}", f"{compressed['onnx_bytes']:,}",
+        f"{report['ratios']['onnx_bytes']:.3f}x", None)
+    for batch in ("1", "32"):
+        before, after = original["latency_ms"][batch], compressed["latency_ms"][batch]
+        row(f"latency batch {batch}, median ms (p90)", f"{before['median']:.3f} ({before['p90']:.3f})",
+            f"{after['median']:.3f} ({after['p90']:.3f})", f"{report['ratios']['latency_median'][batch]:.3f}x",
+            f"latency_batch_{batch}")
+    row("top-1 on val (5,000 images), %", f"{original['accuracy']:.2f}", f"{compressed['accuracy']:.2f}",
+        f"{compressed['accuracy'] - original['accuracy']:+.2f} pts", "accuracy_drop_points")
+    parity = report["parity"]
+    timings = report["timings_s"]
+    lines += ["", f"ONNX parity on {parity['samples']} validation images: max abs diff {parity['max_abs_diff']:.2e}, "
+              f"max rel diff {parity['max_rel_diff']:.2e} (atol {parity['atol']}, rtol {parity['rtol']}).",
+              f"Wall time of the whole run: {wall_s:.0f} s; steps: "
+              + ", ".join(f"{key} {value:.1f} s" for key, value in timings.items() if key.startswith("steps")) + ".", ""]
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(RUNS), action="append", help="run only these models")
+    arguments = parser.parse_args()
+
+    names = arguments.only or list(RUNS)
+    reports = {name: run_recipe(name) for name in names}
+    environment = next(iter(reports.values()))[0]["environment"]
+    protocol = next(iter(reports.values()))[0]["latency_protocol"]
+
+    lines = ["# Results", "",
+             f"Recorded by `bench/bench_resnet.py` on {datetime.date.today().isoformat()}.", "",
+             f"Machine: {environment['processor']}, {environment['cpu_count']} cores, {environment['platform']}. "
+             f"Versions: Python {environment['python']}, torch {environment['torch']}, torch-pruning "
+             f"{environment['torch_pruning']}, onnx {environment['onnx']}, onnxruntime {environment['onnxruntime']}.", "",
+             f"Latency: onnxruntime {protocol['provider']}, {protocol['optimization']}, {protocol['threads']} thread, "
+             f"{protocol['warmup']} warm-up runs then {protocol['runs']} timed runs per batch size, original and "
+             "compressed interleaved. MACs count convolutions and linear layers, one multiply-add each, per sample.", ""]
+    failed = False
+    for name, (report, wall_s) in reports.items():
+        lines += results_section(name, report, wall_s)
+        if name == "resnet56":
+            failed |= not all(met for _, _, met in check_targets(report).values())
+    RESULTS_PAGE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_PAGE.write_text("\n".join(lines), encoding="utf-8")
+    print(f"Wrote {RESULTS_PAGE}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
