@@ -91,6 +91,10 @@ def _sniff_format(path: Path) -> str:
         return "unknown"
     if head[:1] == b"\x80":
         return "legacy"
+    if head[:4] == b"PK\x03\x04":
+        # A zip local-file header without a readable central directory: a truncated archive,
+        # which torch.load then reports as corrupt or truncated.
+        return "zip"
     return "unknown"
 
 
