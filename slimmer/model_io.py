@@ -272,11 +272,14 @@ def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, 
 
 
 def load_compressed(path: str | Path, search_path: list[Path] | None = None,
-                    checkpoint: Mapping[str, Any] | None = None) -> nn.Module:
-    """Rebuild a model written by :func:`save_compressed` and load its weights."""
+                    checkpoint: Mapping[str, Any] | None = None, allow_pickle: bool = False) -> nn.Module:
+    """Rebuild a model written by :func:`save_compressed` and load its weights.
+
+    A file saved without an architecture contains the whole pickled module and needs ``allow_pickle``.
+    """
     path = Path(path)
     if checkpoint is None:
-        checkpoint = read_checkpoint(path, allow_pickle=False)
+        checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != COMPRESSED_FORMAT:
         raise ModelLoadError(f"{path} is not a model written by slimmer ({COMPRESSED_FORMAT})")
     if isinstance(checkpoint.get("model"), nn.Module):
