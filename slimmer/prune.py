@@ -148,8 +148,9 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
 
         expected = _masked_output(model, group, example_input)
         snapshot = copy.deepcopy(model)
-        coupled = sorted({graph._module2name.get(dep.target.module, "?") for dep, _ in group
-                          if isinstance(dep.target.module, nn.Module)})
+        # torch-pruning's own nodes for functional operations (add, pad, reshape) have no module name.
+        coupled = sorted({graph._module2name[dep.target.module] for dep, _ in group
+                          if dep.target.module in graph._module2name})
         try:
             group.prune()
             found = _forward(model, example_input)
