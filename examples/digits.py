@@ -39,7 +39,7 @@ def digits_cnn(width: int = 32) -> DigitsCNN:
 
 
 def digits_dataset(split: str = "train", val_share: float = 0.25, seed: int = 0) -> TensorDataset:
-    """The digits as ``(image (1, 8, 8), label)`` pairs, standardized; a fixed stratified split."""
+    """Load the digits as standardized ``(image (1, 8, 8), label)`` pairs from a fixed stratified split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -23,7 +23,7 @@ INPUT_NAME = "input"
 def _output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     with torch.no_grad():
         output = model(example_input)
-    count = len(output) if isinstance(output, (tuple, list)) else len(output) if isinstance(output, dict) else 1
+    count = len(output) if isinstance(output, (tuple, list, dict)) else 1
     return ["output"] if count == 1 else [f"output_{index}" for index in range(count)]
 
 

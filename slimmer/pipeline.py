@@ -1,4 +1,7 @@
-"""apply(): runs a recipe's steps in order, then exports, verifies and measures. The one place that knows the order."""
+"""apply(): runs a recipe's steps in order, then exports, verifies and measures.
+
+This is the only module that defines the order of the stages.
+"""
 
 from __future__ import annotations
 

@@ -175,7 +175,12 @@ class DatasetConfig(_Strict):
         if self.callable is not None and self.transform:
             raise ValueError("transform applies to image_folder only; a callable builds its own transforms")
         for item in self.transform:
-            name = item if isinstance(item, str) else (next(iter(item)) if len(item) == 1 else None)
+            if isinstance(item, str):
+                name = item
+            elif len(item) == 1:
+                name = next(iter(item))
+            else:
+                name = None
             if name not in TRANSFORM_NAMES:
                 raise ValueError(f"unknown transform {item!r}; expected one of {', '.join(TRANSFORM_NAMES)}")
         return self

@@ -71,7 +71,7 @@ def describe_layer(model: nn.Module, name: str) -> str:
 
 def layer_table(original: nn.Module, compressed: nn.Module, original_macs: dict[str, int],
                 compressed_macs: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per counted layer of the original model, with what it became and its MACs before and after."""
+    """Build one row per counted layer of the original model: what it became, and its MACs before and after."""
     rows = []
     for name, before_macs in original_macs.items():
         after_macs = sum(macs for key, macs in compressed_macs.items() if key == name or key.startswith(name + "."))

@@ -59,8 +59,8 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
               inplace: bool = False) -> PassResult:
     """Replace each selected convolution by a Tucker-2 bottleneck of the ranks ``config`` gives.
 
-    Layers are selected by qualified-name patterns; a layer is skipped, with the reason recorded,
-    when it is grouped, shared, too small, or when no cheaper replacement exists at the chosen ranks.
+    Layers are selected by qualified-name patterns. A layer is skipped, with the reason recorded, when
+    it is grouped, shared or too small, or when no cheaper replacement exists at the chosen ranks.
     """
     if not inplace:
         model = copy.deepcopy(model)

@@ -1,9 +1,8 @@
 """Refit pass: least-squares refit of each bottleneck's last layer on calibration activations.
 
-For a replaced layer with original output ``Y`` (computed by the original network) and the
-features ``Z`` that feed the bottleneck's last layer in the compressed network, the last layer's
-weight becomes the ridge solution ``W = Yᵀ Z (Zᵀ Z + λ I)⁻¹`` over all output positions, with
-``λ = ridge * trace(Zᵀ Z) / dim``. The last layer is the 1x1 expand, or the k x k core (over
+Let ``Y`` be a replaced layer's output in the original network and ``Z`` the features that feed
+the bottleneck's last layer in the compressed network. The last layer's weight becomes the ridge
+solution ``W = Yᵀ Z (Zᵀ Z + λ I)⁻¹`` over all output positions, with ``λ = ridge * trace(Zᵀ Z) / dim``. The last layer is the 1x1 expand, or the k x k core (over
 unfolded patches) when the bottleneck has no expand. Layers are refit in execution order and each
 one sees the inputs produced by the already-refit network, so errors do not pile up. Optionally the
 batch-norm statistics are then recomputed on the same images.
@@ -49,7 +48,7 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
 
 @torch.no_grad()
 def _capture(model: nn.Module, name: str, inputs: torch.Tensor, batch_size: int, want: str) -> torch.Tensor:
-    """The input (``want='input'``) or output of module ``name`` for every calibration image."""
+    """Collect the input (``want='input'``) or output of module ``name`` for every calibration image."""
     module = get_module(model, name)
     captured: list[torch.Tensor] = []
 

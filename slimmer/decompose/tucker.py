@@ -25,7 +25,7 @@ def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def leading_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """The ``rank`` leading left singular vectors of ``matrix``, as columns; orthonormal even for a zero matrix."""
+    """Return the ``rank`` leading left singular vectors of ``matrix`` as columns (orthonormal even for a zero matrix)."""
     left, _, _ = torch.linalg.svd(matrix, full_matrices=True)
     return left[:, :rank]
 
