@@ -77,7 +77,7 @@ def _run_validate(arguments: argparse.Namespace) -> int:
 
 
 def _run_apply(arguments: argparse.Namespace) -> int:
-    from slimmer.model_io import load_model
+    from slimmer.model_io import load_model_and_source
     from slimmer.pipeline import apply, search_path
     from slimmer.recipe import load_recipe
     from slimmer.report import format_summary
@@ -89,14 +89,10 @@ def _run_apply(arguments: argparse.Namespace) -> int:
     if output.resolve() == arguments.model.resolve() or arguments.model.resolve().is_relative_to(output.resolve()):
         raise InputError(f"output folder {output} contains the input model {arguments.model}; choose another -o")
 
-    folders = search_path(recipe)
     model_config = recipe.model
-    model = load_model(arguments.model, model_config.architecture, model_config.kwargs, model_config.state_dict_key,
-                       model_config.strip_prefix, arguments.allow_pickle or model_config.allow_pickle, folders)
-    architecture = None
-    if model_config.architecture is not None:
-        architecture = {"architecture": model_config.architecture, "kwargs": model_config.kwargs,
-                        "python_path": [str(folder) for folder in folders]}
+    model, architecture = load_model_and_source(
+        arguments.model, model_config.architecture, model_config.kwargs, model_config.state_dict_key,
+        model_config.strip_prefix, arguments.allow_pickle or model_config.allow_pickle, search_path(recipe))
 
     _, report = apply(model, recipe, output_dir=output, progress=not arguments.quiet and sys.stderr.isatty(),
                       architecture=architecture)

@@ -127,7 +127,7 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as error:
         if not allow_pickle:
             raise ModelLoadError(
-                f"{path} holds pickled Python objects (for example a whole nn.Module), and unpickling runs code "
+                f"{path} contains pickled Python objects (for example a whole nn.Module), and unpickling runs code "
                 "from the file; if you trust it, pass --allow-pickle (or set model.allow_pickle: true), "
                 "otherwise save model.state_dict() instead"
             ) from None
@@ -140,7 +140,7 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
 
 def _find_state_dict(checkpoint: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(checkpoint, Mapping):
-        raise ModelLoadError(f"{path} holds a {type(checkpoint).__name__}, expected a state_dict or a checkpoint dict")
+        raise ModelLoadError(f"{path} contains a {type(checkpoint).__name__}, expected a state_dict or a checkpoint dict")
     if key == "auto":
         if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
             return dict(checkpoint)
@@ -205,27 +205,48 @@ def load_model(
     A state_dict (bare or inside a checkpoint) goes into ``architecture`` (``'package.module:callable'``),
     strictly. A whole pickled module is accepted only with ``allow_pickle``.
     """
+    model, _ = load_model_and_source(path, architecture, kwargs, state_dict_key, strip_prefix, allow_pickle,
+                                     search_path)
+    return model
+
+
+def load_model_and_source(
+    path: str | Path,
+    architecture: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    state_dict_key: str | None = "auto",
+    strip_prefix: str | None = "module.",
+    allow_pickle: bool = False,
+    search_path: list[Path] | None = None,
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Load like :func:`load_model`; also return how to rebuild the model's class, or None for a pickled module.
+
+    The second value is ``{"architecture", "kwargs", "python_path"}``, as :func:`save_compressed` takes it.
+    """
     path = Path(path)
     checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
 
     if isinstance(checkpoint, Mapping) and checkpoint.get("format") == COMPRESSED_FORMAT:
-        return load_compressed(path, search_path=search_path, checkpoint=checkpoint)
+        model = load_compressed(path, search_path=search_path, checkpoint=checkpoint)
+        return model, None if isinstance(checkpoint.get("model"), nn.Module) else checkpoint["architecture"]
     if isinstance(checkpoint, nn.Module):
         if isinstance(checkpoint, torch.jit.ScriptModule):
-            raise ModelLoadError(f"{path} holds a TorchScript module; save the eager model's state_dict instead")
-        return checkpoint.eval()
+            raise ModelLoadError(f"{path} contains a TorchScript module; save the eager model's state_dict instead")
+        return checkpoint.eval(), None
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), nn.Module):
-        return checkpoint["model"].eval()
+        return checkpoint["model"].eval(), None
 
     state_dict = _strip_prefix(_find_state_dict(checkpoint, state_dict_key, path), strip_prefix)
     if architecture is None:
         raise ModelLoadError(
-            f"{path} holds a state_dict, so the recipe must name the model class: "
+            f"{path} contains a state_dict, so the recipe must name the model class: "
             "set model.architecture to 'package.module:callable'"
         )
     model = build_architecture(architecture, kwargs or {}, search_path)
     load_state_dict_strict(model, state_dict, str(path))
-    return model.eval()
+    source = {"architecture": architecture, "kwargs": dict(kwargs or {}),
+              "python_path": [str(folder) for folder in search_path or []]}
+    return model.eval(), source
 
 
 def _resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

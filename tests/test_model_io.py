@@ -260,3 +260,17 @@ def test_cli_allow_pickle_loads(tmp_path: Path, run_cli) -> None:
     assert result.exit_code == 0, result.stderr
     with torch.no_grad():
         assert torch.equal(loaded(inputs), module(inputs))
+
+
+def test_cli_pickle_ignores_recipe_architecture(tmp_path: Path, run_cli, trained_digits: nn.Module) -> None:
+    """A pickled module is saved pickled even when the recipe also names an architecture."""
+    torch.save(trained_digits, tmp_path / "model.pt")
+    recipe = write_yaml(tmp_path / "recipe.yaml", digits_recipe(
+        data={}, steps=[{"decompose": {"rank": {"ratio": 0.5}}}]))
+
+    result = run_cli("apply", recipe, tmp_path / "model.pt", "-o", tmp_path / "out", "--allow-pickle", "--quiet")
+    loaded = slimmer.load_compressed(tmp_path / "out" / "model.pt", allow_pickle=True)
+
+    assert result.exit_code == 0, result.stderr
+    with torch.no_grad():
+        assert loaded(digits_inputs()).shape == (len(digits_inputs()), 10)
