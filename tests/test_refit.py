@@ -95,3 +95,27 @@ def test_recalibrate_batchnorm_matches_batch_statistics():
     assert torch.allclose(model[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(model[1].running_var, features.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4)
     assert not model.training
+
+
+def test_refit_step_needs_data(digits_model):
+    import slimmer
+    from helpers import digits_recipe
+
+    recipe = digits_recipe(data={}, steps=[{"decompose": {"rank": {"ratio": 0.5}}}, {"refit": {"images": 16}}])
+    with pytest.raises(slimmer.InputError, match="data.calibration or data.train"):
+        slimmer.apply(digits_model, recipe, progress=False)
+
+
+def test_refit_step_in_pipeline(digits_model):
+    """A refit step between decompose and export keeps ONNX parity and lowers each layer's error."""
+    import slimmer
+    from helpers import digits_recipe
+
+    recipe = digits_recipe(steps=[{"decompose": {"rank": {"ratio": 0.5}}}, {"refit": {"images": 64}}])
+    _, report = slimmer.apply(digits_model, recipe, progress=False)
+    refit_pass = next(entry for entry in report["passes"] if entry["pass"] == "refit")
+
+    assert report["parity"]["passed"]
+    assert len(refit_pass["changed"]) == 3
+    for change in refit_pass["changed"]:
+        assert change["details"]["error_after"] < change["details"]["error_before"], change["name"]
