@@ -18,20 +18,22 @@ MACS_NOTE = ("One MAC is one multiply-add, per sample (batch size 1). Counted: c
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts a measured number depends on."""
-    import onnx
-    import onnxruntime
-    import torch
-    import torch_pruning
+    from importlib import metadata
 
-    from slimmer import __version__
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
 
     return {
-        "slimmer": __version__,
+        "slimmer": version("slimmer"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "torch": version("torch"),
+        "torchvision": version("torchvision"),
+        "torch_pruning": version("torch-pruning"),
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime"),
         "platform": platform.platform(),
         "processor": _processor_name(),
         "cpu_count": __import__("os").cpu_count(),
@@ -128,12 +130,16 @@ def _format_number(value: Any) -> str:
     return str(value)
 
 
+def _format_megabytes(size_bytes: int | None) -> str:
+    return "n/a" if size_bytes is None else f"{size_bytes / 1e6:.2f} MB"
+
+
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     original, compressed, ratios = report["original"], report["compressed"], report["ratios"]
     rows = [
         ("params", _format_number(original["params"]), _format_number(compressed["params"]), _format_number(ratios["params"])),
         ("MACs", _format_number(original["macs"]), _format_number(compressed["macs"]), _format_number(ratios["macs"])),
-        ("ONNX bytes", _format_number(original["onnx_bytes"]), _format_number(compressed["onnx_bytes"]),
+        ("ONNX size", _format_megabytes(original["onnx_bytes"]), _format_megabytes(compressed["onnx_bytes"]),
          _format_number(ratios["onnx_bytes"])),
     ]
     threads = report.get("latency_protocol", {}).get("threads")
