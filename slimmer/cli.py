@@ -1,8 +1,8 @@
 """The ``slimmer`` command: ``apply`` compresses a model with a recipe, ``validate`` checks a recipe.
 
 Exit codes: 0 success, 2 bad input (recipe, model file, data), 3 a check failed (ONNX parity,
-a broken compressed model), 1 internal error, 130 interrupted. Errors go to stderr as one line;
-the result table goes to stdout.
+a broken compressed model, a diverged fine-tune), 1 internal error, 130 interrupted. Errors go
+to stderr as one line; the result table goes to stdout.
 """
 
 from __future__ import annotations

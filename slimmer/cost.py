@@ -36,7 +36,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def layer_macs(module: nn.Module, output_shape: tuple[int, ...]) -> int:
-    """MACs of one conv or linear layer for one sample, given its output shape ``(1, C, ...)``."""
+    """Count the MACs of one conv or linear layer for one sample, given its output shape ``(1, C, ...)``."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         out_elements = int(np.prod(output_shape[1:]))
         kernel = int(np.prod(module.kernel_size))
@@ -94,7 +94,7 @@ def record_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """Total MACs for one sample and MACs per counted layer (a layer called twice counts twice)."""
+    """Count total MACs for one sample and MACs per counted layer (a layer called twice counts twice)."""
     shapes = record_shapes(model, example_input)
     per_layer: dict[str, int] = {}
     for name, module in model.named_modules():

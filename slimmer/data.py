@@ -115,7 +115,7 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 @torch.no_grad()
 def evaluate_top1(model: torch.nn.Module, loader: DataLoader) -> float | None:
-    """Top-1 accuracy in percent, or None when the data has no labels."""
+    """Compute top-1 accuracy in percent, or return None when the data has no labels."""
     model.eval()
     correct = 0
     total = 0
@@ -129,7 +129,7 @@ def evaluate_top1(model: torch.nn.Module, loader: DataLoader) -> float | None:
 
 
 def sample_inputs(dataset: Dataset | None, count: int, input_shape: list[int], seed: int = 0) -> torch.Tensor:
-    """``count`` real inputs from ``dataset`` (evenly spaced), or seeded random ones when there is no dataset."""
+    """Take ``count`` evenly spaced inputs from ``dataset``, or seeded random ones when there is no dataset."""
     if dataset is None:
         generator = torch.Generator().manual_seed(seed)
         return torch.randn((count, *input_shape), generator=generator)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from slimmer.data import split_batch
-from slimmer.errors import DataError
+from slimmer.errors import CheckFailedError, DataError
 from slimmer.passes import PassResult
 from slimmer.recipe import FinetuneConfig
 
@@ -119,7 +119,7 @@ def _training_step(model: nn.Module, teacher: nn.Module | None, batch: Any, conf
         raise DataError("fine-tuning without distillation needs labels in the training data")
 
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"fine-tuning loss became {loss.item()}; lower finetune.lr")
+        raise CheckFailedError(f"fine-tuning diverged (loss {loss.item()}); lower finetune.lr")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -2,9 +2,9 @@
 
 Each pruning group (the channels of one layer and everything coupled to them) is checked before
 it is kept: the pruned model must compute the same output as the unpruned model with those
-channels zeroed ("masked"). torch-pruning does not model every operation (a shortcut that
-zero-pads channels with ``F.pad``, for example); a group that passes through such an operation
-fails the check, is rolled back and is reported as skipped, so the pass never returns a broken model.
+channels zeroed ("masked"). torch-pruning does not model every operation, such as a shortcut that
+zero-pads channels with ``F.pad``. A group that passes through such an operation fails the check,
+is rolled back and is reported as skipped. A final forward pass checks the output shapes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _forward(model: nn.Module, example_input: torch.Tensor) -> list[torch.Tensor
 
 
 def _targets(model: nn.Module, config: PruneConfig) -> list[tuple[str, str]]:
-    """``(group root, owner)`` pairs: the conv whose output channels are pruned, and the layer reported."""
+    """List ``(group root, owner)`` pairs: the conv whose output channels are pruned, and the layer reported."""
     targets: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         if isinstance(module, TuckerBottleneck) and matches(name, config.include, config.exclude):
@@ -70,7 +70,7 @@ def _keep_count(channels: int, ratio: float, round_to: int) -> int:
 
 @torch.no_grad()
 def _masked_output(model: nn.Module, group: Any, example_input: torch.Tensor) -> list[torch.Tensor]:
-    """Output of ``model`` with the group's pruned channels zeroed at every layer that produces them."""
+    """Run ``model`` with the group's pruned channels zeroed at every layer that produces them."""
     saved: list[tuple[torch.Tensor, list[int], torch.Tensor]] = []
     for dependency, indices in group:
         layer = dependency.target.module
