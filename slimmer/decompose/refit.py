@@ -50,6 +50,8 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
 def _capture(model: nn.Module, name: str, inputs: torch.Tensor, batch_size: int, want: str) -> torch.Tensor:
     """Collect the input (``want='input'``) or output of module ``name`` for every calibration image."""
     module = get_module(model, name)
+    # NOTE: the activations of all calibration images are held in memory at once, which suits
+    # CIFAR-sized inputs. At 224x224 a few hundred images can take gigabytes for early layers.
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
