@@ -78,14 +78,13 @@ def _run_validate(arguments: argparse.Namespace) -> int:
 
 def _run_apply(arguments: argparse.Namespace) -> int:
     from slimmer.model_io import load_model_and_source
-    from slimmer.pipeline import apply, search_path
+    from slimmer.pipeline import apply, check_output_dir, search_path
     from slimmer.recipe import load_recipe
     from slimmer.report import format_summary
 
     recipe = load_recipe(arguments.recipe, arguments.overrides)
     output = arguments.output
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not arguments.force:
-        raise InputError(f"output folder {output} already exists and is not empty; pass --force to replace it")
+    check_output_dir(output, arguments.force)
     if output.resolve() == arguments.model.resolve() or arguments.model.resolve().is_relative_to(output.resolve()):
         raise InputError(f"output folder {output} contains the input model {arguments.model}; choose another -o")
 
@@ -95,7 +94,7 @@ def _run_apply(arguments: argparse.Namespace) -> int:
         model_config.strip_prefix, arguments.allow_pickle or model_config.allow_pickle, search_path(recipe))
 
     _, report = apply(model, recipe, output_dir=output, progress=not arguments.quiet and sys.stderr.isatty(),
-                      architecture=architecture)
+                      architecture=architecture, force=arguments.force)
     if arguments.json:
         print(json.dumps(report, indent=2, default=str))
     elif not arguments.quiet:

@@ -9,6 +9,7 @@ import copy
 import logging
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -119,6 +120,13 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
     return model.eval(), results
 
 
+def check_output_dir(output_dir: Path, force: bool) -> None:
+    """Reject an existing output folder that is not empty, unless ``force`` is set."""
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not force:
+        raise InputError(f"output folder {output_dir} already exists and is not empty; pass --force "
+                         "(force=True from Python) to replace it")
+
+
 def replacement_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: module.spec() for name, module in model.named_modules() if isinstance(module, TuckerBottleneck)}
 
@@ -142,16 +150,23 @@ def apply(
     model: nn.Module,
     recipe: Recipe | dict[str, Any] | str | Path,
     output_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     architecture: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``recipe``; return the compressed model and the report.
 
     The input model is not modified. With ``output_dir`` the artifacts (model.onnx, model.pt,
     report.json, report.md, recipe.resolved.yaml) are written to a temporary folder next to it and
-    moved into place only after export and parity succeed.
+    moved into place only after export and parity succeed. An existing non-empty ``output_dir`` is
+    replaced only with ``force``. ``progress`` shows a progress bar; by default only when stderr is a
+    terminal.
     """
     recipe = as_recipe(recipe)
+    if output_dir is not None:
+        check_output_dir(Path(output_dir), force)
+    if progress is None:
+        progress = sys.stderr.isatty()
     seed_everything(recipe.seed)
     started = time.perf_counter()
     original = copy.deepcopy(model).eval()

@@ -75,6 +75,8 @@ class DecomposeConfig(_Strict):
     def _ranks_given(self) -> DecomposeConfig:
         if self.rank is None and (self.rank_in is None or self.rank_out is None):
             raise ValueError("give rank, or both rank_in and rank_out")
+        if self.rank is not None and self.rank_in is not None and self.rank_out is not None:
+            raise ValueError("rank would be ignored because rank_in and rank_out are both given; remove one of them")
         return self
 
     def rule_in(self) -> RankRule:

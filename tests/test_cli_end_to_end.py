@@ -245,7 +245,7 @@ def test_existing_output_needs_force(tmp_path: Path, digits_checkpoint: Path, di
 
     assert result.exit_code == 2
     assert result.stderr_lines == [f"slimmer: error: output folder {output} already exists and is not empty; "
-                                   "pass --force to replace it"]
+                                   "pass --force (force=True from Python) to replace it"]
     assert sorted(path.name for path in output.iterdir()) == ["keep.txt"]
     assert (output / "keep.txt").read_text() == "earlier results"
 
@@ -315,3 +315,18 @@ def test_parity_failure_exit_code(tmp_path: Path, run_cli) -> None:
     assert "ONNX output differs from PyTorch beyond tolerance" in result.stderr
     assert not output.exists()
     assert list(tmp_path.glob(".out.partial-*")) == []
+
+
+def test_api_existing_output_needs_force(tmp_path: Path, trained_digits: nn.Module) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("earlier results")
+    recipe = digits_recipe(data={}, steps=[{"decompose": {"rank": {"ratio": 0.5}}}])
+
+    with pytest.raises(slimmer.InputError, match="already exists"):
+        slimmer.apply(trained_digits, recipe, output_dir=output)
+    assert (output / "keep.txt").read_text() == "earlier results"
+
+    slimmer.apply(trained_digits, recipe, output_dir=output, force=True)
+    assert (output / "report.json").is_file()
+    assert not (output / "keep.txt").exists()

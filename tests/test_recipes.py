@@ -251,3 +251,9 @@ def test_validate_process_exit_codes(tmp_path: Path) -> None:
     assert valid_run.returncode == 0, valid_run.stderr
     assert invalid_run.returncode == 2
     assert "steps[0].decompose.rank.ratio" in invalid_run.stderr
+
+
+def test_rank_with_both_modes_rejected() -> None:
+    raw = {"steps": [{"decompose": {"rank": {"ratio": 0.5}, "rank_in": {"fixed": 8}, "rank_out": {"fixed": 8}}}]}
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.decompose: rank would be ignored"):
+        recipe_from_dict(raw)
