@@ -42,7 +42,7 @@ def run_recipe(name: str) -> tuple[dict, float]:
 
 
 def check_targets(report: dict) -> dict[str, tuple[float, float, bool]]:
-    """``{target: (measured, limit, met)}`` for the half-MACs targets."""
+    """Compare a report with the half-MACs targets; return ``{target: (measured, limit, met)}``."""
     ratios = report["ratios"]
     drop = report["original"]["accuracy"] - report["compressed"]["accuracy"]
     measured = {

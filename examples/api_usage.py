@@ -1,4 +1,4 @@
-"""Run slimmer's stages one by one from Python on the CIFAR ResNet-20 in ../shared/models.
+"""Run slimmer's stages one by one from Python on the trained CIFAR-10 ResNet-20 checkpoint.
 
     python examples/api_usage.py
 
