@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from slimmer.layers import TuckerBottleneck
+from slimmer.layers import SeparableConv, TuckerBottleneck
 
-REWRITTEN_TYPES = (TuckerBottleneck,)
+REWRITTEN_TYPES = (TuckerBottleneck, SeparableConv)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

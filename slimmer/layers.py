@@ -11,6 +11,16 @@ from typing import Any
 from torch import nn
 
 
+def _arguments_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Turn a ``spec()`` dictionary (lists, as YAML and JSON store them) back into constructor arguments."""
+    arguments = {key: value for key, value in spec.items() if key != "form"}
+    for key in ("kernel_size", "stride", "dilation"):
+        arguments[key] = tuple(arguments[key])
+    if not isinstance(arguments["padding"], str):
+        arguments["padding"] = tuple(arguments["padding"])
+    return arguments
+
+
 class TuckerBottleneck(nn.Sequential):
     """Tucker-2 bottleneck: 1x1 reduce ``I -> r_in``, k x k core ``r_in -> r_out``, 1x1 expand ``r_out -> O``.
 
@@ -91,12 +101,56 @@ class TuckerBottleneck(nn.Sequential):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> TuckerBottleneck:
-        arguments = {key: value for key, value in spec.items() if key != "form"}
-        for key in ("kernel_size", "stride", "dilation"):
-            arguments[key] = tuple(arguments[key])
-        if not isinstance(arguments["padding"], str):
-            arguments["padding"] = tuple(arguments["padding"])
-        return cls(**arguments)
+        return cls(**_arguments_from_spec(spec))
 
 
-REPLACEMENT_FORMS = {"bottleneck": TuckerBottleneck}
+class SeparableConv(nn.Sequential):
+    """Depthwise k x k ``I -> I*K`` (groups = I, channel multiplier K), then pointwise 1x1 ``I*K -> O``.
+
+    The depthwise layer keeps stride, padding, dilation and padding_mode; the pointwise one carries the bias.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        multiplier: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: Any = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        padding_mode: str = "zeros",
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.add_module("depthwise", nn.Conv2d(
+            in_channels, in_channels * multiplier, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=in_channels, padding_mode=padding_mode, bias=False))
+        self.add_module("pointwise", nn.Conv2d(in_channels * multiplier, out_channels, 1, bias=bias))
+
+    @property
+    def multiplier(self) -> int:
+        return self.depthwise.out_channels // self.depthwise.in_channels
+
+    def spec(self) -> dict[str, Any]:
+        """Describe the structure, enough to rebuild the module before loading its state_dict."""
+        depthwise = self.depthwise
+        return {
+            "form": "separable",
+            "in_channels": depthwise.in_channels,
+            "out_channels": self.pointwise.out_channels,
+            "multiplier": self.multiplier,
+            "kernel_size": list(depthwise.kernel_size),
+            "stride": list(depthwise.stride),
+            "padding": depthwise.padding if isinstance(depthwise.padding, str) else list(depthwise.padding),
+            "dilation": list(depthwise.dilation),
+            "padding_mode": depthwise.padding_mode,
+            "bias": self.pointwise.bias is not None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> SeparableConv:
+        return cls(**_arguments_from_spec(spec))
+
+
+REPLACEMENT_FORMS = {"bottleneck": TuckerBottleneck, "separable": SeparableConv}

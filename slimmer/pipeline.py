@@ -27,7 +27,7 @@ from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
 from slimmer.export import check_parity, export_onnx
 from slimmer.finetune import finetune
-from slimmer.layers import TuckerBottleneck
+from slimmer.layers import REPLACEMENT_FORMS
 from slimmer.model_io import save_compressed
 from slimmer.passes import PassResult
 from slimmer.prune import prune
@@ -128,7 +128,8 @@ def check_output_dir(output_dir: Path, force: bool) -> None:
 
 
 def replacement_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, TuckerBottleneck)}
+    forms = tuple(REPLACEMENT_FORMS.values())
+    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, forms)}
 
 
 def _check_outputs_match(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from slimmer.graph import get_module
-from slimmer.layers import TuckerBottleneck
+from slimmer.layers import SeparableConv, TuckerBottleneck
 
 MACS_NOTE = ("One MAC is one multiply-add, per sample (batch size 1). Counted: convolutions and linear layers; "
              "normalization, activations, pooling and additions are not counted.")
@@ -62,6 +62,10 @@ def describe_layer(model: nn.Module, name: str) -> str:
         if hasattr(module, "expand"):
             parts.append(f"expand {module.rank_out}->{module.out_channels}")
         return "bottleneck: " + ", ".join(parts)
+    if isinstance(module, SeparableConv):
+        kernel = "x".join(map(str, module.depthwise.kernel_size))
+        return (f"separable: depthwise {module.depthwise.in_channels}->{module.depthwise.out_channels} {kernel} "
+                f"(multiplier {module.multiplier}), pointwise {module.pointwise.in_channels}->{module.pointwise.out_channels}")
     if isinstance(module, nn.Conv2d):
         kernel = "x".join(map(str, module.kernel_size))
         groups = f" groups={module.groups}" if module.groups != 1 else ""
