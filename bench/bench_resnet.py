@@ -1,7 +1,7 @@
 """Reproduce the CIFAR ResNet results: run the shipped recipes and record the numbers in docs/results.md.
 
-    python bench/bench_resnet.py                 # ResNet-56 and ResNet-20 half-MACs recipes
-    python bench/bench_resnet.py --only resnet20 # one of them
+    python bench/bench_resnet.py                 # every recipe below, then the depthwise form timings
+    python bench/bench_resnet.py --only resnet20 # one recipe
 
 Each run is a real `slimmer apply` on the checkpoints in ../shared/models and the images in
 ../shared/data. The targets checked for the ResNet-56 half-MACs recipe: MACs at most 0.5x,
@@ -26,8 +26,11 @@ OUTPUT_ROOT = REPOSITORY / "bench" / "out"
 
 RUNS = {
     "resnet56": ("recipes/resnet56-half-macs.yaml", SHARED / "models" / "resnet56-cifar10-jpeg.th"),
+    "resnet56-separable": ("recipes/resnet56-separable.yaml", SHARED / "models" / "resnet56-cifar10-jpeg.th"),
+    "resnet56-auto": ("recipes/resnet56-auto.yaml", SHARED / "models" / "resnet56-cifar10-jpeg.th"),
     "resnet20": ("recipes/resnet20-half-macs.yaml", SHARED / "models" / "resnet20-cifar10-jpeg.th"),
 }
+FORMS = ("resnet56", "resnet56-separable", "resnet56-auto")
 TARGETS = {"macs": 0.5, "latency_batch_1": 0.7, "latency_batch_32": 0.6, "accuracy_drop_points": 2.5}
 
 
@@ -88,9 +91,43 @@ def results_section(name: str, report: dict, wall_s: float, with_targets: bool) 
     return lines
 
 
+def forms_comparison(reports: dict[str, tuple[dict, float]]) -> list[str]:
+    """Compare the ResNet-56 recipes of each form, all with the same refit and fine-tune budget."""
+    present = [name for name in FORMS if name in reports]
+    if len(present) < 2:
+        return []
+    lines = ["## ResNet-56: bottleneck, separable and auto forms", "",
+             "Same refit (256 images) and fine-tune (2 epochs, SGD, distillation) in each recipe.", "",
+             "| recipe | forms chosen | MACs | latency batch 1 | latency batch 32 | top-1 % | change | run time, s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in present:
+        report, wall_s = reports[name]
+        decompose_passes = [entry for entry in report["passes"] if entry["pass"] == "decompose"]
+        counts: dict[str, int] = {}
+        for entry in decompose_passes:
+            for change in entry["changed"]:
+                counts[change["details"]["form"]] = counts.get(change["details"]["form"], 0) + 1
+        forms = ", ".join(f"{form} {count}" for form, count in sorted(counts.items()))
+        ratios = report["ratios"]
+        change = report["compressed"]["accuracy"] - report["original"]["accuracy"]
+        lines.append(f"| `{RUNS[name][0]}` | {forms} | {ratios['macs']:.3f}x | {ratios['latency_median']['1']:.3f}x | "
+                     f"{ratios['latency_median']['32']:.3f}x | {report['compressed']['accuracy']:.2f} | "
+                     f"{change:+.2f} pts | {wall_s:.0f} |")
+    return lines + [""]
+
+
+def forms_section() -> list[str]:
+    from bench_separable_forms import markdown, measure
+
+    return ["## onnxruntime forms of a depthwise convolution with channel multiplier K", "",
+            "Measured by `bench/bench_separable_forms.py`: stacks of 6 layers, 1 thread, median latency over a dense "
+            "3x3 stack of the same shape. slimmer emits the tiled form.", "", *markdown(measure()), ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(RUNS), action="append", help="run only these models")
+    parser.add_argument("--only", choices=sorted(RUNS), action="append", help="run only these recipes")
+    parser.add_argument("--skip-forms", action="store_true", help="do not time the depthwise forms")
     arguments = parser.parse_args()
 
     names = arguments.only or list(RUNS)
@@ -98,6 +135,7 @@ def main() -> int:
     environment = next(iter(reports.values()))[0]["environment"]
     protocol = next(iter(reports.values()))[0]["latency_protocol"]
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     lines = ["# Results", "",
              f"Recorded by `bench/bench_resnet.py` on {datetime.date.today().isoformat()}.", "",
              f"Machine: {environment['processor']}, {environment['cpu_count']} cores, {environment['platform']}. "
@@ -106,12 +144,19 @@ def main() -> int:
              f"Latency: onnxruntime {protocol['provider']}, {protocol['optimization']}, {protocol['threads']} thread, "
              f"{protocol['warmup']} warm-up runs then {protocol['runs']} timed runs per batch size, original and "
              "compressed interleaved. MACs count convolutions and linear layers, one multiply-add each, per sample.", "",
-             "The targets apply to ResNet-56; ResNet-20 runs the same recipe family for comparison.", ""]
+             "The targets apply to the ResNet-56 half-MACs recipe (MACs, latency, accuracy) and to auto, which must "
+             "come within 0.5 points of the better pure form. The other recipes are recorded for comparison.", ""]
     failed = False
     for name, (report, wall_s) in reports.items():
         lines += results_section(name, report, wall_s, with_targets=name == "resnet56")
         if name == "resnet56":
             failed |= not all(met for _, _, met in check_targets(report).values())
+        if name == "resnet56-auto" and "resnet56" in reports and "resnet56-separable" in reports:
+            best = max(reports[other][0]["compressed"]["accuracy"] for other in ("resnet56", "resnet56-separable"))
+            failed |= report["compressed"]["accuracy"] < best - 0.5
+    lines += forms_comparison(reports)
+    if not arguments.skip_forms:
+        lines += forms_section()
     RESULTS_PAGE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PAGE.write_text("\n".join(lines), encoding="utf-8")
     print(f"Wrote {RESULTS_PAGE}")

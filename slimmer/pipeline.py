@@ -90,6 +90,15 @@ def load_datasets(recipe: Recipe) -> Datasets:
     return datasets
 
 
+def calibration_images(context: RunContext, count: int) -> torch.Tensor | None:
+    """``count`` images from data.calibration, else data.train, else data.val; None without data."""
+    datasets = context.datasets
+    for source in (datasets.calibration, datasets.train, datasets.val):
+        if source is not None:
+            return sample_inputs(source, count, context.recipe.model.input_shape, context.recipe.seed)
+    return None
+
+
 def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tuple[nn.Module, list[PassResult]]:
     """Run the recipe's steps in order on a copy of ``model``; ``teacher`` is the original for distillation."""
     results: list[PassResult] = []
@@ -97,10 +106,12 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
     for index, step in enumerate(context.recipe.steps):
         started = time.perf_counter()
         if isinstance(step, DecomposeStep):
-            result = decompose(model, step.decompose, context.example_input, inplace=True)
+            images = None
+            if step.decompose.form == "auto":
+                images = calibration_images(context, step.decompose.calibration_images)
+            result = decompose(model, step.decompose, context.example_input, inplace=True, calibration_inputs=images)
         elif isinstance(step, RefitStep):
-            source = context.datasets.calibration if context.datasets.calibration is not None else context.datasets.train
-            images = sample_inputs(source, step.refit.images, context.recipe.model.input_shape, context.recipe.seed)
+            images = calibration_images(context, step.refit.images)
             result = refit(model, teacher, step.refit, images, inplace=True)
         elif isinstance(step, PruneStep):
             result = prune(model, step.prune, context.example_input, inplace=True)

@@ -58,9 +58,15 @@ class RankRule(_Strict):
 
 
 class DecomposeConfig(_Strict):
-    """Replace k x k convolutions by Tucker-2 bottlenecks initialized from the trained weights."""
+    """Replace k x k convolutions by low-rank forms initialized from the trained weights.
 
-    form: Literal["bottleneck"] = "bottleneck"
+    ``bottleneck`` is Tucker-2 with ranks from ``rank`` (or ``rank_in`` and ``rank_out``);
+    ``separable`` is depthwise then pointwise with the channel multiplier from ``multiplier``;
+    ``auto`` takes the bottleneck ranks as each layer's MAC budget and picks, per layer, the form
+    with the lower output error on calibration images at no more than those MACs.
+    """
+
+    form: Literal["bottleneck", "separable", "auto"] = "bottleneck"
     include: list[str] = Field(default_factory=lambda: ["*"], description="qualified-name glob patterns")
     exclude: list[str] = Field(default_factory=list)
     min_channels: Annotated[int, Field(ge=1)] = Field(8, description="skip layers with fewer input or output channels")
@@ -70,9 +76,21 @@ class DecomposeConfig(_Strict):
     rank_out: RankRule | None = None
     round_to: Annotated[int, Field(ge=1)] = 8
     hooi_iterations: Annotated[int, Field(ge=0, le=100)] = 0
+    multiplier: RankRule | None = Field(
+        None, description="separable channel multiplier K: fixed, ratio of min(O, kh*kw), or the energy each input channel keeps")
+    calibration_images: Annotated[int, Field(gt=0)] = Field(
+        64, description="images on which form auto compares the output errors of the two forms")
 
     @model_validator(mode="after")
     def _ranks_given(self) -> DecomposeConfig:
+        if self.form == "separable":
+            if self.multiplier is None:
+                raise ValueError("form separable needs multiplier, for example {fixed: 2} or {energy: 0.9}")
+            if self.rank or self.rank_in or self.rank_out:
+                raise ValueError("rank, rank_in and rank_out apply to forms bottleneck and auto, not separable")
+            return self
+        if self.multiplier is not None:
+            raise ValueError(f"multiplier applies to form separable only, found form {self.form}")
         if self.rank is None and (self.rank_in is None or self.rank_out is None):
             raise ValueError("give rank, or both rank_in and rank_out")
         if self.rank is not None and self.rank_in is not None and self.rank_out is not None:

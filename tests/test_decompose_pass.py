@@ -94,7 +94,7 @@ def test_decompose_skips_costlier_replacement(resnet20: nn.Module, cifar_input: 
     macs_before = 32 * 32 * 16 * 16 * 9
 
     assert result.changed == []
-    assert skip_reasons(result)["layer1.0.conv1"].endswith(f"give {macs_after} MACs, not fewer than {macs_before}")
+    assert skip_reasons(result)["layer1.0.conv1"].endswith(f"gives {macs_after} MACs, not fewer than {macs_before}")
     assert isinstance(result.model.layer1[0].conv1, nn.Conv2d)
 
 

@@ -37,8 +37,10 @@ def test_separable_exact_at_full_multiplier(arguments):
 def test_separable_keeps_conv_settings():
     conv = nn.Conv2d(6, 12, 3, stride=2, padding=2, dilation=2, padding_mode="reflect", bias=True)
     module = separable_from_conv(conv, 2)
-    assert module.depthwise.groups == 6
+    assert module.depthwise.groups == 12
     assert module.depthwise.out_channels == 12
+    assert module.in_channels == 6
+    assert module.multiplier == 2
     assert module.depthwise.stride == (2, 2)
     assert module.depthwise.dilation == (2, 2)
     assert module.depthwise.padding_mode == "reflect"

@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 from torch import nn
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 from slimmer.cost import LayerShape, record_shapes
-from slimmer.decompose.ranks import choose_rank
+from slimmer.decompose.ranks import choose_rank, energy_rank
+from slimmer.decompose.refit import capture_inputs, refit_last_layer
+from slimmer.decompose.separable import channel_singular_values, separable_from_conv
 from slimmer.decompose.tucker import bottleneck_from_conv, mode_singular_values
 from slimmer.graph import iter_convolutions, matches, set_module, shared_modules
 from slimmer.passes import LayerChange, LayerSkip, PassResult
-from slimmer.recipe import DecomposeConfig
+from slimmer.recipe import DecomposeConfig, RankRule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["decompose", "bottleneck_macs", "conv_macs"]
+# Ridge of the least-squares refit behind auto's comparison: small, so an exact form scores near 0.
+COMPARISON_RIDGE = 1e-6
+
+__all__ = ["decompose", "bottleneck_macs", "separable_macs", "conv_macs"]
+
+
+def conv_params(conv: nn.Conv2d) -> int:
+    return sum(parameter.numel() for parameter in conv.parameters())
 
 
 def conv_macs(conv: nn.Conv2d, shape: LayerShape) -> int:
@@ -38,6 +51,82 @@ def bottleneck_macs(conv: nn.Conv2d, shape: LayerShape, rank_in: int, rank_out: 
     return reduce + core + expand
 
 
+def bottleneck_params(conv: nn.Conv2d, rank_in: int, rank_out: int) -> int:
+    kernel = conv.kernel_size[0] * conv.kernel_size[1]
+    core_in = min(rank_in, conv.in_channels)
+    core_out = min(rank_out, conv.out_channels)
+    reduce = conv.in_channels * rank_in if rank_in < conv.in_channels else 0
+    expand = rank_out * conv.out_channels if rank_out < conv.out_channels else 0
+    bias = conv.out_channels if conv.bias is not None else 0
+    return reduce + core_in * core_out * kernel + expand + bias
+
+
+def separable_macs(conv: nn.Conv2d, shape: LayerShape, multiplier: int) -> int:
+    """MACs per sample of a depthwise (multiplier K) plus pointwise pair that would replace ``conv``."""
+    out_height, out_width = shape.output_shape[2:]
+    channels = conv.in_channels * multiplier
+    return out_height * out_width * channels * (conv.kernel_size[0] * conv.kernel_size[1] + conv.out_channels)
+
+
+def separable_params(conv: nn.Conv2d, multiplier: int) -> int:
+    channels = conv.in_channels * multiplier
+    bias = conv.out_channels if conv.bias is not None else 0
+    return channels * (conv.kernel_size[0] * conv.kernel_size[1] + conv.out_channels) + bias
+
+
+def full_multiplier(conv: nn.Conv2d) -> int:
+    return min(conv.out_channels, conv.kernel_size[0] * conv.kernel_size[1])
+
+
+def choose_multiplier(rule: RankRule, conv: nn.Conv2d) -> int:
+    """Choose the channel multiplier K from ``rule``, in ``[1, min(O, kh*kw)]``; every input channel meets an energy rule."""
+    full = full_multiplier(conv)
+    if rule.fixed is not None:
+        return min(rule.fixed, full)
+    if rule.ratio is not None:
+        return min(max(math.ceil(rule.ratio * full - 1e-9), 1), full)
+    assert rule.energy is not None
+    spectra = channel_singular_values(conv.weight)
+    return min(max(energy_rank(values, rule.energy) for values in spectra), full)
+
+
+@dataclass
+class Candidate:
+    """One possible replacement of a layer: its form, settings, cost and how to build it."""
+
+    form: str
+    settings: dict[str, int]
+    macs: int
+    params: int
+    build: Callable[[], nn.Module]
+    error: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        values = ", ".join(f"{key}={value}" for key, value in self.settings.items())
+        return f"{self.form} ({values})"
+
+
+def _bottleneck(conv: nn.Conv2d, shape: LayerShape, config: DecomposeConfig) -> Candidate:
+    rank_out = choose_rank(config.rule_out(), conv.out_channels, mode_singular_values(conv.weight, 0), config.round_to)
+    rank_in = choose_rank(config.rule_in(), conv.in_channels, mode_singular_values(conv.weight, 1), config.round_to)
+    return Candidate(
+        "bottleneck", {"rank_in": rank_in, "rank_out": rank_out}, bottleneck_macs(conv, shape, rank_in, rank_out),
+        bottleneck_params(conv, rank_in, rank_out),
+        lambda: bottleneck_from_conv(conv, rank_in, rank_out, config.hooi_iterations))
+
+
+def _separable(conv: nn.Conv2d, shape: LayerShape, multiplier: int) -> Candidate:
+    return Candidate("separable", {"multiplier": multiplier}, separable_macs(conv, shape, multiplier),
+                     separable_params(conv, multiplier), lambda: separable_from_conv(conv, multiplier))
+
+
+def _separable_within(conv: nn.Conv2d, shape: LayerShape, max_macs: int) -> Candidate | None:
+    """Return the separable candidate with the largest multiplier whose MACs do not exceed ``max_macs``."""
+    fitting = [k for k in range(1, full_multiplier(conv) + 1) if separable_macs(conv, shape, k) <= max_macs]
+    return _separable(conv, shape, max(fitting)) if fitting else None
+
+
 def _skip_reason(name: str, conv: nn.Conv2d, shape: LayerShape | None, config: DecomposeConfig,
                  shared: set[int]) -> str | None:
     if shape is None:
@@ -45,7 +134,7 @@ def _skip_reason(name: str, conv: nn.Conv2d, shape: LayerShape | None, config: D
     if shape.calls > 1 or id(conv) in shared:
         return "used in more than one place (shared weights); rewriting it would split the weights"
     if conv.groups != 1:
-        return f"grouped convolution (groups={conv.groups}); Tucker-2 applies to dense convolutions only"
+        return f"grouped convolution (groups={conv.groups}); the low-rank forms apply to dense convolutions only"
     if conv.kernel_size == (1, 1):
         return "1x1 kernel; nothing to factor"
     if min(conv.in_channels, conv.out_channels) < config.min_channels:
@@ -55,12 +144,63 @@ def _skip_reason(name: str, conv: nn.Conv2d, shape: LayerShape | None, config: D
     return None
 
 
+def _cheaper(candidate: Candidate, macs: int, params: int) -> str | None:
+    """Why ``candidate`` does not pay, or None when it lowers both MACs and parameters."""
+    if candidate.macs >= macs:
+        return f"{candidate.describe()} gives {candidate.macs} MACs, not fewer than {macs}"
+    if candidate.params >= params:
+        return f"{candidate.describe()} has {candidate.params} parameters, not fewer than {params}"
+    return None
+
+
+@torch.no_grad()
+def _output_error(candidate: Candidate, conv: nn.Conv2d, inputs: torch.Tensor) -> float:
+    """Relative output error of the candidate after a least-squares refit of its last layer on ``inputs``."""
+    module = candidate.build()
+    target = conv(inputs)
+    refit_last_layer(module, inputs, target, ridge=COMPARISON_RIDGE)
+    return float((module(inputs) - target).norm() / (target.norm() + 1e-12))
+
+
+def _choose(name: str, conv: nn.Conv2d, shape: LayerShape, config: DecomposeConfig,
+            layer_inputs: dict[str, torch.Tensor]) -> tuple[Candidate | None, str]:
+    """Pick the replacement for one layer; return it (or None) and the reason in words."""
+    macs, params = conv_macs(conv, shape), conv_params(conv)
+    if config.form == "separable":
+        assert config.multiplier is not None
+        candidate = _separable(conv, shape, choose_multiplier(config.multiplier, conv))
+        reason = _cheaper(candidate, macs, params)
+        return (None, reason) if reason else (candidate, "form separable requested")
+
+    bottleneck = _bottleneck(conv, shape, config)
+    if config.form == "bottleneck":
+        reason = _cheaper(bottleneck, macs, params)
+        return (None, reason) if reason else (bottleneck, "form bottleneck requested")
+
+    budget = bottleneck.macs if bottleneck.macs < macs else macs - 1
+    separable = _separable_within(conv, shape, budget)
+    paying = [candidate for candidate in (bottleneck, separable)
+              if candidate is not None and _cheaper(candidate, macs, params) is None]
+    if not paying:
+        return None, f"auto: neither form lowers MACs and parameters within {budget} MACs"
+    if len(paying) == 1:
+        return paying[0], f"auto: only {paying[0].form} lowers MACs and parameters within {budget} MACs"
+    for candidate in paying:
+        candidate.error = _output_error(candidate, conv, layer_inputs[name])
+    best = min(paying, key=lambda candidate: candidate.error)
+    other = next(candidate for candidate in paying if candidate is not best)
+    return best, (f"auto: {best.describe()} error {best.error:.4f} at {best.macs} MACs < "
+                  f"{other.describe()} error {other.error:.4f} at {other.macs} MACs")
+
+
 def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Tensor,
-              inplace: bool = False) -> PassResult:
-    """Replace each selected convolution by a Tucker-2 bottleneck of the ranks ``config`` gives.
+              inplace: bool = False, calibration_inputs: torch.Tensor | None = None) -> PassResult:
+    """Replace each selected convolution by the low-rank form that ``config`` requests.
 
     Layers are selected by qualified-name patterns. A layer is skipped, with the reason recorded, when
-    it is grouped, shared or too small, or when no cheaper replacement exists at the chosen ranks.
+    it is grouped, shared or too small, or when no replacement lowers both its MACs and parameters.
+    Form ``auto`` compares output errors on ``calibration_inputs (N, C, H, W)``; without them it uses
+    seeded random inputs, a weaker proxy.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -70,6 +210,17 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
 
     candidates = [(name, conv) for name, conv in iter_convolutions(model)
                   if matches(name, config.include, config.exclude)]
+    selected = [(name, conv) for name, conv in candidates
+                if _skip_reason(name, conv, shapes.get(name), config, shared) is None]
+    layer_inputs: dict[str, torch.Tensor] = {}
+    if config.form == "auto" and selected:
+        if calibration_inputs is None:
+            logger.warning("Form auto without calibration images compares errors on random inputs")
+            generator = torch.Generator().manual_seed(0)
+            calibration_inputs = torch.randn((16, *example_input.shape[1:]), generator=generator)
+        layer_inputs = capture_inputs(model, [name for name, _ in selected],
+                                      calibration_inputs[:config.calibration_images])
+
     for name, conv in candidates:
         shape = shapes.get(name)
         reason = _skip_reason(name, conv, shape, config, shared)
@@ -78,26 +229,21 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
             continue
         assert shape is not None
 
-        rank_out = choose_rank(config.rule_out(), conv.out_channels, mode_singular_values(conv.weight, 0), config.round_to)
-        rank_in = choose_rank(config.rule_in(), conv.in_channels, mode_singular_values(conv.weight, 1), config.round_to)
-        before = conv_macs(conv, shape)
-        after = bottleneck_macs(conv, shape, rank_in, rank_out)
-        if after >= before:
-            result.skipped.append(LayerSkip(
-                name, f"ranks (in={rank_in}, out={rank_out}) give {after} MACs, not fewer than {before}"))
+        chosen, why = _choose(name, conv, shape, config, layer_inputs)
+        if chosen is None:
+            result.skipped.append(LayerSkip(name, why))
             continue
-
-        bottleneck = bottleneck_from_conv(conv, rank_in, rank_out, config.hooi_iterations)
-        set_module(model, name, bottleneck)
+        set_module(model, name, chosen.build())
+        before = conv_macs(conv, shape)
         result.changed.append(LayerChange(
             name,
             before=f"conv {conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x{conv.kernel_size[1]}",
-            after=f"bottleneck ranks in={bottleneck.rank_in} out={bottleneck.rank_out}",
-            details={"rank_in": bottleneck.rank_in, "rank_out": bottleneck.rank_out,
-                     "macs_before": before, "macs_after": after},
+            after=chosen.describe(),
+            details={"form": chosen.form, **chosen.settings, "macs_before": before, "macs_after": chosen.macs,
+                     "params_before": conv_params(conv), "params_after": chosen.params, "reason": why,
+                     **({"error": chosen.error} if chosen.error is not None else {})},
         ))
-        logger.info("Decomposed %s: %d -> %d MACs (ranks in=%d, out=%d)", name, before, after,
-                    bottleneck.rank_in, bottleneck.rank_out)
+        logger.info("Decomposed %s: %d -> %d MACs as %s (%s)", name, before, chosen.macs, chosen.describe(), why)
 
     result.stats = {"rewritten": len(result.changed), "skipped": len(result.skipped)}
     return result

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimmer.graph import get_module
-from slimmer.layers import TuckerBottleneck
+from slimmer.layers import SeparableConv, TuckerBottleneck
+
+REFIT_TYPES = (TuckerBottleneck, SeparableConv)
 from slimmer.passes import LayerChange, PassResult
 from slimmer.recipe import RefitConfig
 
@@ -34,7 +36,7 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
     order: list[str] = []
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, TuckerBottleneck):
+        if isinstance(module, REFIT_TYPES):
             handles.append(module.register_forward_pre_hook(
                 lambda _module, _inputs, name=name: order.append(name) if name not in order else None))
     try:
@@ -107,22 +109,55 @@ def ridge_solve(features: torch.Tensor, targets: torch.Tensor, ridge: float, wit
 
 
 @torch.no_grad()
-def _refit_one(bottleneck: TuckerBottleneck, layer_input: torch.Tensor, target: torch.Tensor, ridge: float) -> float:
-    """Refit the last layer of ``bottleneck``; return the relative output error after the refit."""
-    has_expand = hasattr(bottleneck, "expand")
-    features = bottleneck.reduce(layer_input) if hasattr(bottleneck, "reduce") else layer_input
-    last = bottleneck.expand if has_expand else bottleneck.core
-    if has_expand:
-        features = bottleneck.core(features)
+def refit_last_layer(module: nn.Module, layer_input: torch.Tensor, target: torch.Tensor, ridge: float) -> None:
+    """Refit the last layer of a bottleneck or separable pair so ``module(layer_input)`` matches ``target``."""
+    if isinstance(module, SeparableConv):
+        features = module.depthwise(torch.cat([layer_input] * module.multiplier, dim=1))
+        last = module.pointwise
         design = _rows(features)
+    elif isinstance(module, TuckerBottleneck):
+        features = module.reduce(layer_input) if hasattr(module, "reduce") else layer_input
+        if hasattr(module, "expand"):
+            last = module.expand
+            design = _rows(module.core(features))
+        else:
+            last = module.core
+            design = _patches(features, last)
     else:
-        design = _patches(features, last)
+        raise TypeError(f"refit applies to slimmer's replacement modules, found {type(module).__name__}")
     weight, bias = ridge_solve(design, _rows(target), ridge, last.bias is not None)
     last.weight.copy_(weight.reshape(last.weight.shape).to(last.weight.dtype))
     if bias is not None:
         last.bias.copy_(bias.to(last.bias.dtype))
-    output = bottleneck(layer_input)
+
+
+@torch.no_grad()
+def _refit_one(module: nn.Module, layer_input: torch.Tensor, target: torch.Tensor, ridge: float) -> float:
+    """Refit the last layer of ``module``; return the relative output error after the refit."""
+    refit_last_layer(module, layer_input, target, ridge)
+    output = module(layer_input)
     return float((output - target).norm() / (target.norm() + 1e-12))
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, names: list[str], inputs: torch.Tensor, batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """Collect the input of each named module on ``inputs`` in one pass over the model."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = []
+    for name in names:
+        def hook(_module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            captured[name].append(args[0].detach())
+        handles.append(get_module(model, name).register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: torch.cat(tensors) for name, tensors in captured.items()}
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """Depthwise-separable factorization of a convolution kernel: depthwise k x k, then pointwise 1x1.
 
 For each input channel ``i``, the slice ``W[:, i]`` of shape ``(O, kh*kw)`` has the SVD
-``Σ_k s_k p_k q_kᵀ``. Keeping ``K`` terms gives a depthwise convolution ``I -> I*K`` (groups = I,
-channel multiplier K) whose output channel ``i*K + k`` has kernel ``q_k``, followed by a 1x1
-convolution ``I*K -> O`` whose column ``i*K + k`` is ``s_k p_k``. Summing over ``i`` and ``k``
-gives back ``Σ_i W[:, i] * x_i``, so the pair is exact at ``K = min(O, kh*kw)``. Stride, padding,
-dilation and padding_mode stay on the depthwise convolution; the pointwise one carries the bias.
+``Σ_k s_k p_k q_kᵀ``. Keeping ``K`` terms gives ``I*K`` depthwise filters, filter ``(i, k)`` with
+kernel ``q_k`` applied to input channel ``i``, followed by a 1x1 convolution whose column for
+``(i, k)`` is ``s_k p_k``. Summing over ``i`` and ``k`` gives back ``Σ_i W[:, i] * x_i``, so the pair
+is exact at ``K = min(O, kh*kw)``. Channels are laid out as the tiled input of
+:class:`~slimmer.layers.SeparableConv` expects: channel ``k*I + i`` is filter ``(i, k)``.
+Stride, padding, dilation and padding_mode stay on the depthwise convolution; the pointwise
+one carries the bias.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ from torch import nn
 from slimmer.layers import SeparableConv
 
 
+def channel_singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of each input channel's ``(O, kh*kw)`` slice: shape ``(I, min(O, kh*kw))``, largest first."""
+    out_channels, in_channels = weight.shape[:2]
+    slices = weight.detach().double().permute(1, 0, 2, 3).reshape(in_channels, out_channels, -1)
+    return torch.linalg.svdvals(slices)
+
+
 def separable_factors(weight: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factor ``weight (O, I, kh, kw)`` into depthwise ``(I*K, 1, kh, kw)`` and pointwise ``(O, I*K, 1, 1)``.
+    """Factor ``weight (O, I, kh, kw)`` into depthwise ``(I*K, 1, kh, kw)`` and pointwise ``(O, I*K, 1, 1)``, tiled layout.
 
     Computed in float64 and returned in the weight's dtype.
     """
@@ -31,8 +40,9 @@ def separable_factors(weight: torch.Tensor, multiplier: int) -> tuple[torch.Tens
     kernels = right[:, :multiplier, :]
     columns = left[:, :, :multiplier] * singular_values[:, None, :multiplier]
 
-    depthwise = kernels.reshape(in_channels * multiplier, 1, kernel_height, kernel_width)
-    pointwise = columns.permute(1, 0, 2).reshape(out_channels, in_channels * multiplier, 1, 1)
+    # kernels (I, K, kh*kw) and columns (I, O, K) go to channel k*I + i of the tiled layout.
+    depthwise = kernels.transpose(0, 1).reshape(in_channels * multiplier, 1, kernel_height, kernel_width)
+    pointwise = columns.permute(1, 2, 0).reshape(out_channels, in_channels * multiplier, 1, 1)
     return depthwise.to(weight.dtype), pointwise.to(weight.dtype)
 
 
