@@ -152,6 +152,16 @@ def _check_outputs_match(original: nn.Module, compressed: nn.Module, example_inp
         raise CheckFailedError(f"the compressed model's output shape {after_shape} differs from the original's {before_shape}")
 
 
+def _with_reasons(rows: list[dict[str, Any]], results: list[PassResult]) -> list[dict[str, Any]]:
+    """Add to each layer row why the decompose step chose its form, where it recorded a reason."""
+    reasons = {change.name: change.details["reason"] for result in results if result.pass_name == "decompose"
+               for change in result.changed if "reason" in change.details}
+    for row in rows:
+        if row["name"] in reasons:
+            row["reason"] = reasons[row["name"]]
+    return rows
+
+
 def _model_summary(model: nn.Module, example_input: torch.Tensor, val_loader: Any) -> tuple[dict[str, Any], dict[str, int]]:
     macs, per_layer = count_macs(model, example_input)
     accuracy = evaluate_top1(model, val_loader) if val_loader is not None else None
@@ -197,7 +207,7 @@ def apply(
         "seed": recipe.seed,
         "original": original_summary,
         "compressed": compressed_summary,
-        "layers": layer_table(original, compressed, original_macs, compressed_macs),
+        "layers": _with_reasons(layer_table(original, compressed, original_macs, compressed_macs), results),
         "skipped": [{"pass": result.pass_name, **vars(skip)} for result in results for skip in result.skipped],
         "passes": [result.to_dict() for result in results],
         "macs_counted": "convolutions and linear layers; one MAC is one multiply-add, per sample",

@@ -64,8 +64,8 @@ def describe_layer(model: nn.Module, name: str) -> str:
         return "bottleneck: " + ", ".join(parts)
     if isinstance(module, SeparableConv):
         kernel = "x".join(map(str, module.depthwise.kernel_size))
-        return (f"separable: depthwise {module.depthwise.in_channels}->{module.depthwise.out_channels} {kernel} "
-                f"(multiplier {module.multiplier}), pointwise {module.pointwise.in_channels}->{module.pointwise.out_channels}")
+        return (f"separable: depthwise {module.in_channels}x{module.multiplier} {kernel}, "
+                f"pointwise {module.pointwise.in_channels}->{module.out_channels}")
     if isinstance(module, nn.Conv2d):
         kernel = "x".join(map(str, module.kernel_size))
         groups = f" groups={module.groups}" if module.groups != 1 else ""
@@ -183,9 +183,14 @@ def to_markdown(report: dict[str, Any]) -> str:
                   f"{protocol['threads']} thread(s), {protocol['warmup']} warm-up runs then {protocol['runs']} timed runs, "
                   "original and compressed interleaved.", ""]
     lines += [MACS_NOTE, "", "## Layers", ""]
-    layer_rows = [(row["name"], row["before"], row["after"], _format_number(row["macs_before"]),
-                   _format_number(row["macs_after"])) for row in report["layers"]]
-    lines += _table(("layer", "before", "after", "MACs before", "MACs after"), layer_rows)
+    header: tuple[str, ...] = ("layer", "before", "after", "MACs before", "MACs after")
+    layer_rows: list[tuple[str, ...]] = [
+        (row["name"], row["before"], row["after"], _format_number(row["macs_before"]), _format_number(row["macs_after"]))
+        for row in report["layers"]]
+    if any("reason" in row for row in report["layers"]):
+        header += ("why",)
+        layer_rows = [cells + (row.get("reason", ""),) for cells, row in zip(layer_rows, report["layers"])]
+    lines += _table(header, layer_rows)
     if report.get("skipped"):
         lines += ["", "## Skipped", ""]
         lines += _table(("pass", "layer", "reason"), [(row["pass"], row["name"], row["reason"]) for row in report["skipped"]])
