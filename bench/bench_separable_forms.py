@@ -95,8 +95,7 @@ def measure(runs_batch1: int = 40, runs_batch32: int = 10) -> list[dict]:
                         current.run(None, feed)
                         timings[name].append(time.perf_counter() - start)
                 dense = float(np.median(timings["dense"]))
-                row = {"channels": channels, "size": size, "multiplier": multiplier, "batch": batch,
-                       "dense_ms": dense * 1000.0}
+                row = {"channels": channels, "size": size, "k": multiplier, "batch": batch, "dense_ms": dense * 1000.0}
                 for name in ("multiplier", "tiled", "split"):
                     row[name] = float(np.median(timings[name])) / dense if name in timings else None
                 rows.append(row)
@@ -109,7 +108,7 @@ def markdown(rows: list[dict]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         cells = [f"{row[name]:.2f}x" if row[name] is not None else "" for name in ("multiplier", "tiled", "split")]
-        lines.append(f"| {row['channels']} x {row['size']}x{row['size']} | {row['multiplier']} | {row['batch']} | "
+        lines.append(f"| {row['channels']} x {row['size']}x{row['size']} | {row['k']} | {row['batch']} | "
                      f"{row['dense_ms']:.3f} | " + " | ".join(cells) + " |")
     return lines
 
