@@ -71,7 +71,8 @@ def _run_validate(arguments: argparse.Namespace) -> int:
     from slimmer.recipe import load_recipe
 
     recipe = load_recipe(arguments.recipe, arguments.overrides)
-    print(f"{arguments.recipe}: valid ({len(recipe.steps)} steps: "
+    count = len(recipe.steps)
+    print(f"{arguments.recipe}: valid ({count} step{'' if count == 1 else 's'}: "
           f"{', '.join(type(step).__name__.removesuffix('Step').lower() for step in recipe.steps) or 'none'})")
     return 0
 

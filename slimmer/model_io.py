@@ -108,8 +108,11 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
         raise ModelLoadError(f"cannot read {path}: the file is corrupt or truncated ({detail})") from None
 
 
-def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
-    """Read ``path`` with torch.load; a whole pickled module needs ``allow_pickle``."""
+def read_checkpoint(path: str | Path, allow_pickle: bool = False, search_path: list[Path] | None = None) -> Any:
+    """Read ``path`` with torch.load; a whole pickled module needs ``allow_pickle``.
+
+    ``search_path`` folders are on ``sys.path`` while a pickled module is unpickled, so that its classes import.
+    """
     path = Path(path)
     _check_file(path)
     kind = _sniff_format(path)
@@ -128,14 +131,20 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
         if not allow_pickle:
             raise ModelLoadError(
                 f"{path} contains pickled Python objects (for example a whole nn.Module), and unpickling runs code "
-                "from the file; if you trust it, pass --allow-pickle (or set model.allow_pickle: true), "
-                "otherwise save model.state_dict() instead"
+                "from the file; if you trust it, pass --allow-pickle (allow_pickle=True in Python, "
+                "model.allow_pickle: true in a recipe), otherwise save model.state_dict() instead"
             ) from None
         logger.warning("Unpickling %s with weights_only=False because allow_pickle is set", path)
+        added = [str(folder) for folder in search_path or [] if str(folder) not in sys.path]
+        sys.path[:0] = added
         try:
             return _torch_load(path, weights_only=False)
         except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError) as inner:
-            raise ModelLoadError(f"cannot unpickle {path}: {inner}; the classes it names must be importable") from None
+            raise ModelLoadError(f"cannot unpickle {path}: {inner}; the classes it names must be importable "
+                                 "(add their folder to search_path or model.python_path)") from None
+        finally:
+            for folder in added:
+                sys.path.remove(folder)
 
 
 def _find_state_dict(checkpoint: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
@@ -224,7 +233,7 @@ def load_model_and_source(
     The second value is ``{"architecture", "kwargs", "python_path"}``, as :func:`save_compressed` takes it.
     """
     path = Path(path)
-    checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
+    checkpoint = read_checkpoint(path, allow_pickle=allow_pickle, search_path=search_path)
 
     if isinstance(checkpoint, Mapping) and checkpoint.get("format") == COMPRESSED_FORMAT:
         model = load_compressed(path, search_path=search_path, checkpoint=checkpoint)
@@ -300,7 +309,7 @@ def load_compressed(path: str | Path, search_path: list[Path] | None = None,
     """
     path = Path(path)
     if checkpoint is None:
-        checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
+        checkpoint = read_checkpoint(path, allow_pickle=allow_pickle, search_path=search_path)
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != COMPRESSED_FORMAT:
         raise ModelLoadError(f"{path} is not a model written by slimmer ({COMPRESSED_FORMAT})")
     if isinstance(checkpoint.get("model"), nn.Module):

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -131,6 +131,14 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
     return model.eval(), results
 
 
+def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
+    """The recipe's model class as :func:`slimmer.model_io.save_compressed` records it, or None."""
+    if recipe.model.architecture is None:
+        return None
+    return {"architecture": recipe.model.architecture, "kwargs": dict(recipe.model.kwargs),
+            "python_path": [str(folder) for folder in search_path(recipe)]}
+
+
 def check_output_dir(output_dir: Path, force: bool) -> None:
     """Reject an existing output folder that is not empty, unless ``force`` is set."""
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not force:
@@ -173,7 +181,7 @@ def apply(
     recipe: Recipe | dict[str, Any] | str | Path,
     output_dir: str | Path | None = None,
     progress: bool | None = None,
-    architecture: dict[str, Any] | None = None,
+    architecture: dict[str, Any] | None | Literal["recipe"] = "recipe",
     force: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``recipe``; return the compressed model and the report.
@@ -182,9 +190,13 @@ def apply(
     report.json, report.md, recipe.resolved.yaml) are written to a temporary folder next to it and
     moved into place only after export and parity succeed. An existing non-empty ``output_dir`` is
     replaced only with ``force``. ``progress`` shows a progress bar; by default only when stderr is a
-    terminal.
+    terminal. ``architecture`` says how model.pt can rebuild the model's class: ``"recipe"`` takes
+    ``model.architecture`` from the recipe when it names one, a dict gives it directly
+    (``{"architecture", "kwargs", "python_path"}``), and None saves the whole module pickled.
     """
     recipe = as_recipe(recipe)
+    if architecture == "recipe":
+        architecture = recipe_architecture(recipe)
     if output_dir is not None:
         check_output_dir(Path(output_dir), force)
     if progress is None:
@@ -199,6 +211,8 @@ def apply(
 
     original_summary, original_macs = _model_summary(original, example_input, val_loader)
     compressed, results = run_steps(original, original, context)
+    if not any(result.changed for result in results if result.pass_name in ("decompose", "prune")):
+        logger.warning("No layer was decomposed or pruned; check the steps' include patterns and the skipped list")
     _check_outputs_match(original, compressed, example_input)
     compressed_summary, compressed_macs = _model_summary(compressed, example_input, val_loader)
 

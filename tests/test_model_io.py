@@ -230,7 +230,7 @@ def applied_without_architecture(trained_digits: nn.Module,
                                  tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
     output = tmp_path_factory.mktemp("apply-pickled") / "out"
     recipe = digits_recipe(data={}, steps=[{"decompose": {"rank": {"ratio": 0.5}}}])
-    compressed, _ = slimmer.apply(trained_digits, recipe, output_dir=output, progress=False)
+    compressed, _ = slimmer.apply(trained_digits, recipe, output_dir=output, progress=False, architecture=None)
     return compressed, output
 
 
@@ -274,3 +274,12 @@ def test_cli_pickle_ignores_recipe_architecture(tmp_path: Path, run_cli, trained
     assert result.exit_code == 0, result.stderr
     with torch.no_grad():
         assert loaded(digits_inputs()).shape == (len(digits_inputs()), 10)
+
+
+def test_api_output_loads_without_pickle(trained_digits: nn.Module, tmp_path: Path) -> None:
+    """slimmer.apply records the recipe's architecture, so its model.pt loads with weights_only."""
+    recipe = digits_recipe(data={}, steps=[{"decompose": {"rank": {"ratio": 0.5}}}])
+    compressed, _ = slimmer.apply(trained_digits, recipe, output_dir=tmp_path / "out", progress=False)
+    loaded = slimmer.load_compressed(tmp_path / "out" / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(digits_inputs()), compressed(digits_inputs()))

@@ -82,6 +82,9 @@ def choose_multiplier(rule: RankRule, conv: nn.Conv2d) -> int:
     """Choose the channel multiplier K from ``rule``, in ``[1, min(O, kh*kw)]``; every input channel meets an energy rule."""
     full = full_multiplier(conv)
     if rule.fixed is not None:
+        if rule.fixed > full:
+            logger.warning("Channel multiplier %d reduced to %d = min(O, kh*kw), where the pair is already exact",
+                           rule.fixed, full)
         return min(rule.fixed, full)
     if rule.ratio is not None:
         return min(max(math.ceil(rule.ratio * full - 1e-9), 1), full)
