@@ -12,6 +12,17 @@ import torch
 from torch import nn
 
 
+def _spatial_settings(conv: nn.Conv2d) -> dict[str, Any]:
+    """Kernel size, stride, padding, dilation and padding mode of ``conv``, as lists for YAML and JSON."""
+    return {
+        "kernel_size": list(conv.kernel_size),
+        "stride": list(conv.stride),
+        "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+        "dilation": list(conv.dilation),
+        "padding_mode": conv.padding_mode,
+    }
+
+
 def _arguments_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Turn a ``spec()`` dictionary (lists, as YAML and JSON store them) back into constructor arguments."""
     arguments = {key: value for key, value in spec.items() if key != "form"}
@@ -90,11 +101,7 @@ class TuckerBottleneck(nn.Sequential):
             "out_channels": self.out_channels,
             "rank_in": self.rank_in,
             "rank_out": self.rank_out,
-            "kernel_size": list(core.kernel_size),
-            "stride": list(core.stride),
-            "padding": core.padding if isinstance(core.padding, str) else list(core.padding),
-            "dilation": list(core.dilation),
-            "padding_mode": core.padding_mode,
+            **_spatial_settings(core),
             "bias": any(layer.bias is not None for layer in self),
             "keep_full_rank_factors": hasattr(self, "reduce") and hasattr(self, "expand")
             and (self.rank_in == self.in_channels or self.rank_out == self.out_channels),
@@ -156,11 +163,7 @@ class SeparableConv(nn.Module):
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "multiplier": self.multiplier,
-            "kernel_size": list(depthwise.kernel_size),
-            "stride": list(depthwise.stride),
-            "padding": depthwise.padding if isinstance(depthwise.padding, str) else list(depthwise.padding),
-            "dilation": list(depthwise.dilation),
-            "padding_mode": depthwise.padding_mode,
+            **_spatial_settings(depthwise),
             "bias": self.pointwise.bias is not None,
         }
 

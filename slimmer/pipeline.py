@@ -132,7 +132,7 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
 
 
 def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
-    """The recipe's model class as :func:`slimmer.model_io.save_compressed` records it, or None."""
+    """Return the recipe's model class as :func:`slimmer.model_io.save_compressed` records it, or None."""
     if recipe.model.architecture is None:
         return None
     return {"architecture": recipe.model.architecture, "kwargs": dict(recipe.model.kwargs),
@@ -190,7 +190,7 @@ def apply(
     report.json, report.md, recipe.resolved.yaml) are written to a temporary folder next to it and
     moved into place only after export and parity succeed. An existing non-empty ``output_dir`` is
     replaced only with ``force``. ``progress`` shows a progress bar; by default only when stderr is a
-    terminal. ``architecture`` says how model.pt can rebuild the model's class: ``"recipe"`` takes
+    terminal. ``architecture`` tells model.pt how to rebuild the model's class: ``"recipe"`` takes
     ``model.architecture`` from the recipe when it names one, a dict gives it directly
     (``{"architecture", "kwargs", "python_path"}``), and None saves the whole module pickled.
     """

@@ -62,7 +62,7 @@ class DecomposeConfig(_Strict):
 
     ``bottleneck`` is Tucker-2 with ranks from ``rank`` (or ``rank_in`` and ``rank_out``);
     ``separable`` is depthwise then pointwise with the channel multiplier from ``multiplier``;
-    ``auto`` takes the bottleneck ranks as each layer's MAC budget and picks, per layer, the form
+    ``auto`` takes the bottleneck ranks as each layer's MAC budget. Per layer, it picks the form
     with the lower output error on calibration images at no more than those MACs.
     """
 

@@ -1,11 +1,13 @@
-"""Refit pass: least-squares refit of each bottleneck's last layer on calibration activations.
+"""Refit pass: least-squares refit of each replacement's last layer on calibration activations.
 
 Let ``Y`` be a replaced layer's output in the original network and ``Z`` the features that feed
-the bottleneck's last layer in the compressed network. The last layer's weight becomes the ridge
-solution ``W = Yᵀ Z (Zᵀ Z + λ I)⁻¹`` over all output positions, with ``λ = ridge * trace(Zᵀ Z) / dim``. The last layer is the 1x1 expand, or the k x k core (over
-unfolded patches) when the bottleneck has no expand. Layers are refit in execution order and each
-one sees the inputs produced by the already-refit network, so errors do not pile up. Optionally the
-batch-norm statistics are then recomputed on the same images.
+the replacement's last layer in the compressed network. The last layer's weight becomes the ridge
+solution ``W = Yᵀ Z (Zᵀ Z + λ I)⁻¹`` over all output positions, with
+``λ = ridge * trace(Zᵀ Z) / dim``. The last layer is a bottleneck's 1x1 expand (or its k x k core,
+over unfolded patches, when it has no expand) or a separable pair's pointwise convolution.
+Layers are refit in execution order, each on the inputs that the already-refit network
+produces, so errors do not pile up. Optionally the batch-norm statistics are then recomputed on
+the same images.
 """
 
 from __future__ import annotations
