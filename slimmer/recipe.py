@@ -334,16 +334,35 @@ def _validate_steps(raw_steps: Any, problems: list[str]) -> list[Any] | None:
         try:
             checked.append(STEP_TYPES[kind].model_validate(step))
         except ValidationError as error:
-            problems.extend(_describe(error, prefix=("steps", index)))
+            problems.extend(_describe(error, step, prefix=("steps", index)))
     return checked
 
 
-def _describe(error: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
+def _document_location(document: Any, location: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Keep the parts of a pydantic error location that are keys or indexes in the document.
+
+    The other parts are the names pydantic gives to the members of a union type (``str``,
+    ``function-after[...]``), which the user never wrote.
+    """
+    kept = []
+    node = document
+    for part in location:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def _describe(error: ValidationError, document: Any, prefix: tuple[Any, ...] = ()) -> list[str]:
     problems = []
     for item in error.errors():
-        location = prefix + tuple(part for part in item["loc"] if not _is_union_tag(part))
+        location = prefix + _document_location(document, tuple(item["loc"]))
         place = _format_location(location)
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and len(location) > len(prefix):
             key = str(location[-1])
             parent = _field_model_at(location[:-1])
             hint = _suggest(key, _known_keys(parent)) if parent else ""
@@ -353,10 +372,6 @@ def _describe(error: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]
         else:
             problems.append(f"{place}: {item['msg']}, found {item.get('input')!r}")
     return problems
-
-
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
 
 
 def recipe_from_dict(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -> Recipe:
@@ -374,7 +389,7 @@ def recipe_from_dict(raw: Any, base_dir: str | Path = ".", source: str = "recipe
     try:
         recipe = Recipe.model_validate({**body, "steps": []})
     except ValidationError as error:
-        problems[:0] = _describe(error)
+        problems[:0] = _describe(error, body)
         recipe = None
     if problems:
         raise RecipeError(problems, source)
