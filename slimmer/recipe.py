@@ -411,7 +411,42 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         detail = " ".join(str(error).split())
         raise RecipeError([f"{path} is not valid YAML: {detail}"], "recipe") from None
     raw = apply_overrides(raw, overrides or [])
-    return recipe_from_dict(raw, base_dir=path.parent, source=f"recipe {path}")
+    try:
+        return recipe_from_dict(raw, base_dir=path.parent, source=f"recipe {path}")
+    except RecipeError as error:
+        lines = _line_numbers(path.read_text(encoding="utf-8"))
+        raise RecipeError([_with_line(problem, lines) for problem in error.problems], error.source) from None
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    """Map each place in a YAML document (``steps[1].rank.ratio``) to its 1-based line number."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+
+    def visit(node: Any, place: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    child = f"{place}.{key_node.value}" if place else str(key_node.value)
+                    lines.setdefault(child, key_node.start_mark.line + 1)
+                    visit(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                child = f"{place}[{index}]"
+                lines.setdefault(child, item.start_mark.line + 1)
+                visit(item, child)
+
+    if root is not None:
+        visit(root, "")
+    return lines
+
+
+def _with_line(problem: str, lines: dict[str, int]) -> str:
+    place = problem.split(": ", 1)[0]
+    return f"{problem} (line {lines[place]})" if place in lines else problem
 
 
 def apply_overrides(raw: Any, overrides: list[str]) -> Any:

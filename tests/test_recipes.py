@@ -257,3 +257,17 @@ def test_rank_with_both_modes_rejected() -> None:
     raw = {"steps": [{"decompose": {"rank": {"ratio": 0.5}, "rank_in": {"fixed": 8}, "rank_out": {"fixed": 8}}}]}
     with pytest.raises(RecipeError, match=r"steps\[0\]\.decompose: rank would be ignored"):
         recipe_from_dict(raw)
+
+
+def test_recipe_errors_name_lines(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("version: 1\nmodel:\n  architecure: x\nsteps:\n  - decompose:\n      rank: {ratio: 1.5}\n"
+                    "  - prun: {}\n", encoding="utf-8")
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(path)
+    problems = raised.value.problems
+    assert problems[0].endswith("(line 3)")
+    assert problems[0].startswith("model.architecure: unknown key")
+    assert problems[1].startswith("steps[0].decompose.rank.ratio:")
+    assert problems[1].endswith("(line 6)")
+    assert problems[2].endswith("(line 7)")
