@@ -218,7 +218,7 @@ def test_validate_cli_invalid(tmp_path: Path, run_cli) -> None:
     result = run_cli("validate", path)
 
     assert result.exit_code == 2
-    assert result.stderr_lines == [f"slimmer: error: invalid recipe {path}: stesp: unknown key (did you mean 'steps'?)"]
+    assert result.stderr_lines == [f"slimmer: error: invalid recipe {path}: stesp: unknown key (did you mean 'steps'?) (line 1)"]
 
 
 def test_validate_cli_bad_override(tmp_path: Path, run_cli) -> None:
