@@ -226,6 +226,7 @@ def apply(
         "passes": [result.to_dict() for result in results],
         "macs_counted": "convolutions and linear layers; one MAC is one multiply-add, per sample",
         "environment": environment(),
+        "recipe_resolved": recipe.model_dump(mode="json"),
     }
     parity_data = datasets.val if datasets.val is not None else datasets.train
     parity_inputs = sample_inputs(parity_data, recipe.export.parity.samples, recipe.model.input_shape, recipe.seed)

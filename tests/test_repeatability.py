@@ -66,3 +66,16 @@ def test_shipped_recipes_round_trip() -> None:
         recipe = load_recipe(path)
         again = recipe_from_dict(yaml.safe_load(recipe.to_yaml()), base_dir=recipe.base_dir)
         assert again.model_dump() == recipe.model_dump(), path.name
+
+
+def test_report_records_run_facts(trained_digits) -> None:
+    import slimmer
+
+    recipe = digits_recipe(data={}, seed=7, steps=[{"decompose": {"rank": {"ratio": 0.5}}}])
+    _, report = slimmer.apply(trained_digits, recipe, progress=False)
+
+    assert report["seed"] == 7
+    assert report["recipe_resolved"]["seed"] == 7
+    assert report["recipe_resolved"]["steps"][0]["decompose"]["rank"]["ratio"] == 0.5
+    assert report["environment"]["torch"] == torch.__version__.split("+")[0]
+    assert report["environment"]["cpu_count"] >= 1
