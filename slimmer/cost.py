@@ -47,20 +47,15 @@ def layer_macs(module: nn.Module, output_shape: tuple[int, ...]) -> int:
     return 0
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+def output_tensors(value: Any) -> list[torch.Tensor]:
+    """List the tensors in a model output (a tensor, or tuples, lists and dicts of them), in order."""
     if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
+        return [value]
     if isinstance(value, dict):
-        for item in value.values():
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in output_tensors(item)]
+    return []
 
 
 @torch.no_grad()
@@ -74,9 +69,9 @@ def record_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
             if name in shapes:
                 shapes[name].calls += 1
                 return
-            first_in, first_out = _first_tensor(inputs), _first_tensor(output)
-            if first_in is not None and first_out is not None:
-                shapes[name] = LayerShape(tuple(first_in.shape), tuple(first_out.shape))
+            tensors_in, tensors_out = output_tensors(inputs), output_tensors(output)
+            if tensors_in and tensors_out:
+                shapes[name] = LayerShape(tuple(tensors_in[0].shape), tuple(tensors_out[0].shape))
         return record
 
     for name, module in model.named_modules():

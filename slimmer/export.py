@@ -13,6 +13,7 @@ import onnx
 import torch
 from torch import nn
 
+from slimmer.cost import output_tensors
 from slimmer.errors import CheckFailedError
 
 logger = logging.getLogger(__name__)
@@ -49,16 +50,6 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     return path
 
 
-def _flatten(output: Any) -> list[np.ndarray]:
-    if isinstance(output, torch.Tensor):
-        return [output.detach().cpu().numpy()]
-    if isinstance(output, dict):
-        return [array for value in output.values() for array in _flatten(value)]
-    if isinstance(output, (list, tuple)):
-        return [array for value in output for array in _flatten(value)]
-    return []
-
-
 def check_parity(onnx_path: str | Path, model: nn.Module, inputs: torch.Tensor, atol: float, rtol: float,
                  batch_size: int = 32) -> dict[str, Any]:
     """Compare onnxruntime with PyTorch on ``inputs (N, ...)``; raise CheckFailedError past the tolerance.
@@ -75,7 +66,7 @@ def check_parity(onnx_path: str | Path, model: nn.Module, inputs: torch.Tensor, 
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start:start + batch_size]
         with torch.no_grad():
-            expected = _flatten(model(batch))
+            expected = [tensor.detach().cpu().numpy() for tensor in output_tensors(model(batch))]
         found = session.run(None, {INPUT_NAME: batch.numpy()})
         for reference, candidate in zip(expected, found):
             difference = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))

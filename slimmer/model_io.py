@@ -127,7 +127,7 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False, search_path: l
         )
     try:
         return _torch_load(path, weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         if not allow_pickle:
             raise ModelLoadError(
                 f"{path} contains pickled Python objects (for example a whole nn.Module), and unpickling runs code "

@@ -190,7 +190,7 @@ def apply(
     report.json, report.md, recipe.resolved.yaml) are written to a temporary folder next to it and
     moved into place only after export and parity succeed. An existing non-empty ``output_dir`` is
     replaced only with ``force``. ``progress`` shows a progress bar; by default only when stderr is a
-    terminal. ``architecture`` tells model.pt how to rebuild the model's class: ``"recipe"`` takes
+    terminal. ``architecture`` sets how model.pt rebuilds the model's class: ``"recipe"`` takes
     ``model.architecture`` from the recipe when it names one, a dict gives it directly
     (``{"architecture", "kwargs", "python_path"}``), and None saves the whole module pickled.
     """

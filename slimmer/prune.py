@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from slimmer.cost import output_tensors
 from slimmer.errors import CheckFailedError
 from slimmer.graph import get_module, matches
 from slimmer.layers import TuckerBottleneck
@@ -28,20 +29,10 @@ logger = logging.getLogger(__name__)
 MASK_TOLERANCE = 1e-4
 
 
-def _flatten(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [tensor for value in output.values() for tensor in _flatten(value)]
-    if isinstance(output, (list, tuple)):
-        return [tensor for value in output for tensor in _flatten(value)]
-    return []
-
-
 @torch.no_grad()
 def _forward(model: nn.Module, example_input: torch.Tensor) -> list[torch.Tensor]:
     model.eval()
-    return _flatten(model(example_input))
+    return output_tensors(model(example_input))
 
 
 def _targets(model: nn.Module, config: PruneConfig) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from slimmer.cost import LayerShape, record_shapes
@@ -103,7 +103,6 @@ class Candidate:
     params: int
     build: Callable[[], nn.Module]
     error: float | None = None
-    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         values = ", ".join(f"{key}={value}" for key, value in self.settings.items())
@@ -213,8 +212,8 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
 
     candidates = [(name, conv) for name, conv in iter_convolutions(model)
                   if matches(name, config.include, config.exclude)]
-    selected = [(name, conv) for name, conv in candidates
-                if _skip_reason(name, conv, shapes.get(name), config, shared) is None]
+    skip_reasons = {name: _skip_reason(name, conv, shapes.get(name), config, shared) for name, conv in candidates}
+    selected = [(name, conv) for name, conv in candidates if skip_reasons[name] is None]
     layer_inputs: dict[str, torch.Tensor] = {}
     if config.form == "auto" and selected:
         if calibration_inputs is None:
@@ -226,7 +225,7 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
 
     for name, conv in candidates:
         shape = shapes.get(name)
-        reason = _skip_reason(name, conv, shape, config, shared)
+        reason = skip_reasons[name]
         if reason is not None:
             result.skipped.append(LayerSkip(name, reason))
             continue
