@@ -62,32 +62,32 @@ def _limit(dataset: Dataset, limit: int, seed: int) -> Dataset:
     return Subset(dataset, sorted(chosen))
 
 
-def build_dataset(config: DatasetConfig, resolve, search_path: list[Path], seed: int = 0, what: str = "data") -> Dataset:
+def build_dataset(config: DatasetConfig, resolve, search_path: list[Path], seed: int = 0, label: str = "data") -> Dataset:
     """Build the dataset ``config`` names; ``resolve`` turns recipe paths into absolute ones."""
     if config.image_folder is not None:
         from torchvision.datasets import ImageFolder
 
         root = resolve(config.image_folder)
         if not root.is_dir():
-            raise DataError(f"{what}.image_folder not found: {root}; check the path (relative paths start at the recipe's folder)")
+            raise DataError(f"{label}.image_folder not found: {root}; check the path (relative paths start at the recipe's folder)")
         try:
             dataset: Dataset = ImageFolder(str(root), transform=build_transform(config.transform))
         except (FileNotFoundError, RuntimeError) as error:
-            raise DataError(f"{what}.image_folder {root} is not an ImageFolder (one sub-folder per class): {error}") from None
+            raise DataError(f"{label}.image_folder {root} is not an ImageFolder (one sub-folder per class): {error}") from None
     else:
         assert config.callable is not None
         try:
-            builder = import_callable(config.callable, search_path, f"{what}.callable")
+            builder = import_callable(config.callable, search_path, f"{label}.callable")
         except SlimmerError as error:
             raise DataError(str(error)) from None
         try:
             dataset = builder(**config.kwargs)
         except Exception as error:  # a user callable can raise anything; report it as bad data input
-            raise DataError(f"{what}.callable {config.callable!r} failed: {type(error).__name__}: {error}") from None
+            raise DataError(f"{label}.callable {config.callable!r} failed: {type(error).__name__}: {error}") from None
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise DataError(f"{what}.callable {config.callable!r} returned {type(dataset).__name__}, not a Dataset")
+            raise DataError(f"{label}.callable {config.callable!r} returned {type(dataset).__name__}, not a Dataset")
     if len(dataset) == 0:
-        raise DataError(f"{what} is empty")
+        raise DataError(f"{label} is empty")
     if config.limit is not None:
         dataset = _limit(dataset, config.limit, seed)
     return dataset

@@ -30,17 +30,17 @@ COMPRESSED_FORMAT = "slimmer.compressed/1"
 AUTO_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-def import_callable(target: str, search_path: list[Path] | None = None, what: str = "callable") -> Callable[..., Any]:
+def import_callable(target: str, search_path: list[Path] | None = None, label: str = "callable") -> Callable[..., Any]:
     """Import ``'package.module:attribute'``; ``search_path`` folders are tried first."""
     module_name, separator, attribute = target.partition(":")
     if not separator or not module_name or not attribute:
-        raise ModelLoadError(f"{what} {target!r} is not 'package.module:callable' (for example 'torchvision.models:resnet18')")
+        raise ModelLoadError(f"{label} {target!r} is not 'package.module:callable' (for example 'torchvision.models:resnet18')")
     added = [str(folder) for folder in search_path or [] if str(folder) not in sys.path]
     sys.path[:0] = added
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ModelLoadError(f"cannot import module {module_name!r} for {what} {target!r}: {error}; "
+        raise ModelLoadError(f"cannot import module {module_name!r} for {label} {target!r}: {error}; "
                              "check the name and model.python_path") from None
     finally:
         for folder in added:
@@ -48,9 +48,9 @@ def import_callable(target: str, search_path: list[Path] | None = None, what: st
     try:
         found = getattr(module, attribute)
     except AttributeError:
-        raise ModelLoadError(f"module {module_name!r} has no attribute {attribute!r} ({what} {target!r})") from None
+        raise ModelLoadError(f"module {module_name!r} has no attribute {attribute!r} ({label} {target!r})") from None
     if not callable(found):
-        raise ModelLoadError(f"{what} {target!r} is not callable")
+        raise ModelLoadError(f"{label} {target!r} is not callable")
     return found
 
 
@@ -191,8 +191,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Any], source:
         parts = []
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch (file vs model)", resized)):
             if keys:
-                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                parts.append(f"{label}: {shown}")
+                listed = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {listed}")
         raise ModelLoadError(
             f"checkpoint {source} does not fit the architecture: {'; '.join(parts)}; "
             "check model.architecture, its kwargs, model.state_dict_key and model.strip_prefix"

@@ -54,8 +54,8 @@ def _targets(model: nn.Module, config: PruneConfig) -> list[tuple[str, str]]:
 
 
 def _keep_count(channels: int, ratio: float, round_to: int) -> int:
-    kept = channels * (1.0 - ratio)
-    steps = max(int(kept / round_to + 0.5), 1)
+    remaining = channels * (1.0 - ratio)
+    steps = max(int(remaining / round_to + 0.5), 1)
     return min(steps * round_to, channels)
 
 

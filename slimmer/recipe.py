@@ -51,9 +51,9 @@ class RankRule(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RankRule:
-        given = [name for name in ("fixed", "ratio", "energy") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of fixed, ratio or energy, found {given or 'none'}")
+        present = [name for name in ("fixed", "ratio", "energy") if getattr(self, name) is not None]
+        if len(present) != 1:
+            raise ValueError(f"give exactly one of fixed, ratio or energy, found {present or 'none'}")
         return self
 
 
@@ -344,7 +344,7 @@ def _document_location(document: Any, location: tuple[Any, ...]) -> tuple[Any, .
     The other parts are the names pydantic gives to the members of a union type (``str``,
     ``function-after[...]``), which the user never wrote.
     """
-    kept = []
+    document_parts = []
     node = document
     for part in location:
         if isinstance(node, dict) and part in node:
@@ -353,8 +353,8 @@ def _document_location(document: Any, location: tuple[Any, ...]) -> tuple[Any, .
             node = node[part]
         else:
             continue
-        kept.append(part)
-    return tuple(kept)
+        document_parts.append(part)
+    return tuple(document_parts)
 
 
 def _describe(error: ValidationError, document: Any, prefix: tuple[Any, ...] = ()) -> list[str]:

@@ -231,9 +231,9 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
             continue
         assert shape is not None
 
-        chosen, why = _choose(name, conv, shape, config, layer_inputs)
+        chosen, reason = _choose(name, conv, shape, config, layer_inputs)
         if chosen is None:
-            result.skipped.append(LayerSkip(name, why))
+            result.skipped.append(LayerSkip(name, reason))
             continue
         set_module(model, name, chosen.build())
         before = conv_macs(conv, shape)
@@ -242,10 +242,10 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
             before=f"conv {conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x{conv.kernel_size[1]}",
             after=chosen.describe(),
             details={"form": chosen.form, **chosen.settings, "macs_before": before, "macs_after": chosen.macs,
-                     "params_before": conv_params(conv), "params_after": chosen.params, "reason": why,
+                     "params_before": conv_params(conv), "params_after": chosen.params, "reason": reason,
                      **({"error": chosen.error} if chosen.error is not None else {})},
         ))
-        logger.info("Decomposed %s: %d -> %d MACs as %s (%s)", name, before, chosen.macs, chosen.describe(), why)
+        logger.info("Decomposed %s: %d -> %d MACs as %s (%s)", name, before, chosen.macs, chosen.describe(), reason)
 
     result.stats = {"rewritten": len(result.changed), "skipped": len(result.skipped)}
     return result

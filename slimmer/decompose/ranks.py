@@ -21,8 +21,9 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     total = squared.sum()
     if total <= 0:
         return 1
-    kept = torch.cumsum(squared, 0) / total
-    return int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype)).item()) + 1
+    cumulative_share = torch.cumsum(squared, 0) / total
+    threshold = torch.tensor(energy - 1e-12, dtype=cumulative_share.dtype)
+    return int(torch.searchsorted(cumulative_share, threshold).item()) + 1
 
 
 def choose_rank(rule: RankRule, channels: int, singular_values: torch.Tensor, round_to: int) -> int:
