@@ -32,7 +32,7 @@ from slimmer.model_io import save_compressed
 from slimmer.passes import PassResult
 from slimmer.prune import prune
 from slimmer.recipe import DecomposeStep, FinetuneStep, PruneStep, Recipe, RefitStep, load_recipe, recipe_from_dict
-from slimmer.report import environment, layer_table, summary_ratios, write_report
+from slimmer.report import achieved_share, environment, layer_table, summary_ratios, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
         started = time.perf_counter()
         if isinstance(step, DecomposeStep):
             images = None
-            if step.decompose.form == "auto":
+            if step.decompose.form == "auto" or step.decompose.target is not None:
                 images = calibration_images(context, step.decompose.calibration_images)
             result = decompose(model, step.decompose, context.example_input, inplace=True, calibration_inputs=images)
         elif isinstance(step, RefitStep):
@@ -216,6 +216,7 @@ def apply(
     _check_outputs_match(original, compressed, example_input)
     compressed_summary, compressed_macs = _model_summary(compressed, example_input, val_loader)
 
+    sensitivity = [result.stats.pop("sensitivity") for result in results if "sensitivity" in result.stats]
     report: dict[str, Any] = {
         "recipe": recipe.name,
         "seed": recipe.seed,
@@ -225,6 +226,7 @@ def apply(
         "skipped": [{"pass": result.pass_name, **vars(skip)} for result in results for skip in result.skipped],
         "passes": [result.to_dict() for result in results],
         "macs_counted": "convolutions and linear layers; one MAC is one multiply-add, per sample",
+        **({"sensitivity": [row for rows in sensitivity for row in rows]} if sensitivity else {}),
         "environment": environment(),
         "recipe_resolved": recipe.model_dump(mode="json"),
     }
@@ -233,6 +235,9 @@ def apply(
     with tempfile.TemporaryDirectory(prefix="slimmer-") as scratch:
         _export_and_measure(original, compressed, parity_inputs, recipe, report, Path(scratch), context)
         report["ratios"] = summary_ratios(report)
+        plans = [result.stats["plan"] for result in results if "plan" in result.stats]
+        if plans:
+            report["plan"] = [{**plan, "achieved": achieved_share(plan, report)} for plan in plans]
         report["timings_s"] = {**context.timings_s, "total": time.perf_counter() - started}
         if output_dir is not None:
             _write_outputs(Path(output_dir), Path(scratch), compressed, recipe, report, architecture)

@@ -57,6 +57,34 @@ class RankRule(_Strict):
         return self
 
 
+class TargetConfig(_Strict):
+    """A budget for the whole model, as a share of the original's cost; give exactly one of macs, params, latency."""
+
+    macs: Annotated[float, Field(gt=0, lt=1)] | None = Field(None, description="share of the original MACs per sample")
+    params: Annotated[float, Field(gt=0, lt=1)] | None = Field(None, description="share of the original parameters")
+    latency: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="share of the original's median onnxruntime latency at batch_size and threads")
+    batch_size: Annotated[int, Field(gt=0)] = Field(32, description="batch size of the latency measurements")
+    threads: Annotated[int, Field(gt=0)] = Field(1, description="onnxruntime intra-op threads of the latency measurements")
+    latency_cache: str | None = Field(
+        None, description="JSON file of per-layer latencies; default ~/.cache/slimmer/ or $SLIMMER_CACHE_DIR")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetConfig:
+        given = [key for key in ("macs", "params", "latency") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of macs, params or latency, found {given or 'none'}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return next(key for key in ("macs", "params", "latency") if getattr(self, key) is not None)
+
+    @property
+    def share(self) -> float:
+        return float(getattr(self, self.metric))
+
+
 class DecomposeConfig(_Strict):
     """Replace k x k convolutions by low-rank forms initialized from the trained weights.
 
@@ -79,10 +107,18 @@ class DecomposeConfig(_Strict):
     multiplier: RankRule | None = Field(
         None, description="separable channel multiplier K: fixed, ratio of min(O, kh*kw), or the energy each input channel keeps")
     calibration_images: Annotated[int, Field(gt=0)] = Field(
-        64, description="images on which form auto compares the output errors of the two forms")
+        64, description="images on which form auto compares forms and a target plans the ranks")
+    target: TargetConfig | None = Field(
+        None, description="plan ranks and forms per layer to reach this share of the original cost")
 
     @model_validator(mode="after")
     def _ranks_given(self) -> DecomposeConfig:
+        if self.target is not None:
+            given = [key for key in ("rank", "rank_in", "rank_out", "multiplier") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"target plans the ranks, so {', '.join(given)} would be ignored; remove "
+                                 f"{'it' if len(given) == 1 else 'them'} or remove target")
+            return self
         if self.form == "separable":
             if self.multiplier is None:
                 raise ValueError("form separable needs multiplier, for example {fixed: 2} or {energy: 0.9}")

@@ -35,12 +35,12 @@ def environment() -> dict[str, Any]:
         "onnx": version("onnx"),
         "onnxruntime": version("onnxruntime"),
         "platform": platform.platform(),
-        "processor": _processor_name(),
+        "processor": processor_name(),
         "cpu_count": __import__("os").cpu_count(),
     }
 
 
-def _processor_name() -> str:
+def processor_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -124,6 +124,58 @@ def summary_ratios(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def achieved_share(plan: dict[str, Any], report: dict[str, Any]) -> float | None:
+    """Share of the original cost that the compressed model reached, in the plan's metric.
+
+    A latency share comes from the report's own measurement when it ran at the plan's batch size
+    and thread count, else from the plan's last measurement of the whole model.
+    """
+    metric = plan["metric"]
+    if metric in ("macs", "params"):
+        return report["ratios"].get(metric)
+    protocol = report.get("latency_protocol", {})
+    batch = str(plan.get("batch_size"))
+    if protocol.get("threads") == plan.get("threads") and batch in report["ratios"].get("latency_median", {}):
+        return report["ratios"]["latency_median"][batch]
+    return plan.get("measured")
+
+
+def plan_lines(report: dict[str, Any]) -> list[str]:
+    """The report.md sections on planned budgets and per-layer sensitivity."""
+    lines: list[str] = []
+    for plan in report.get("plan", []):
+        achieved = plan.get("achieved")
+        lines += ["", "## Plan", "",
+                  f"Target {plan['metric']} {plan['target']:g} of the original; the plan expected "
+                  f"{plan['planned']:.3f} and the compressed model reached "
+                  f"{'n/a' if achieved is None else f'{achieved:.3f}'}. Smallest reachable: "
+                  f"{plan['smallest_reachable']:.3f}. Errors measured on {plan['calibration']}; planning took "
+                  f"{plan['seconds']:.1f} s."]
+        for index, round_ in enumerate(plan.get("rounds", [])):
+            lines.append(f"- latency round {index + 1}: budget {round_['budget']:.3f}, planned "
+                         f"{round_['planned']:.3f}, measured {round_['measured']:.3f}")
+    rows = []
+    for layer in report.get("sensitivity", []):
+        hull = layer["hull"]
+        position = next(index for index, option in enumerate(hull) if option["option"] == layer["chosen"])
+        cheaper = hull[position + 1] if position + 1 < len(hull) else None
+        dearer = hull[position - 1] if position > 0 else None
+        rows.append((layer["name"], layer["chosen"], f"{layer['error']:.4f}",
+                     _describe_neighbour(dearer), _describe_neighbour(cheaper)))
+    if rows:
+        lines += ["", "## Sensitivity", "",
+                  "Relative output error `E||y - ŷ||² / E||y||²` of each layer's planned option and of its "
+                  "neighbours on the (cost, error) hull; sensitivity.json lists every option.", ""]
+        lines += _table(("layer", "planned", "error", "next dearer option", "next cheaper option"), rows)
+    return lines
+
+
+def _describe_neighbour(option: dict[str, Any] | None) -> str:
+    if option is None:
+        return ""
+    return f"{option['option']}: error {option['error']:.4f}, {_format_number(option['macs'])} MACs"
+
+
 def _format_number(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -191,6 +243,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         header += ("why",)
         layer_rows = [cells + (row.get("reason", ""),) for cells, row in zip(layer_rows, report["layers"])]
     lines += _table(header, layer_rows)
+    lines += plan_lines(report)
     if report.get("skipped"):
         lines += ["", "## Skipped", ""]
         lines += _table(("pass", "layer", "reason"), [(row["pass"], row["name"], row["reason"]) for row in report["skipped"]])
@@ -202,5 +255,9 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], folder: Path) -> None:
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    """Write report.json and report.md, and sensitivity.json when the run planned a budget."""
+    summary = {key: value for key, value in report.items() if key != "sensitivity"}
+    (folder / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    if report.get("sensitivity"):
+        (folder / "sensitivity.json").write_text(json.dumps(report["sensitivity"], indent=1) + "\n", encoding="utf-8")
     (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")

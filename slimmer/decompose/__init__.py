@@ -214,6 +214,12 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
                   if matches(name, config.include, config.exclude)]
     skip_reasons = {name: _skip_reason(name, conv, shapes.get(name), config, shared) for name, conv in candidates}
     selected = [(name, conv) for name, conv in candidates if skip_reasons[name] is None]
+    for name, _ in candidates:
+        if skip_reasons[name] is not None:
+            result.skipped.append(LayerSkip(name, skip_reasons[name]))
+    if config.target is not None:
+        return _decompose_to_target(model, config, example_input, selected, shapes, calibration_inputs, result)
+
     layer_inputs: dict[str, torch.Tensor] = {}
     if config.form == "auto" and selected:
         if calibration_inputs is None:
@@ -223,29 +229,53 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
         layer_inputs = capture_inputs(model, [name for name, _ in selected],
                                       calibration_inputs[:config.calibration_images])
 
-    for name, conv in candidates:
-        shape = shapes.get(name)
-        reason = skip_reasons[name]
-        if reason is not None:
-            result.skipped.append(LayerSkip(name, reason))
-            continue
-        assert shape is not None
+    for name, conv in selected:
+        shape = shapes[name]
 
         chosen, reason = _choose(name, conv, shape, config, layer_inputs)
         if chosen is None:
             result.skipped.append(LayerSkip(name, reason))
             continue
         set_module(model, name, chosen.build())
-        before = conv_macs(conv, shape)
-        result.changed.append(LayerChange(
-            name,
-            before=f"conv {conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x{conv.kernel_size[1]}",
-            after=chosen.describe(),
-            details={"form": chosen.form, **chosen.settings, "macs_before": before, "macs_after": chosen.macs,
-                     "params_before": conv_params(conv), "params_after": chosen.params, "reason": reason,
-                     **({"error": chosen.error} if chosen.error is not None else {})},
-        ))
-        logger.info("Decomposed %s: %d -> %d MACs as %s (%s)", name, before, chosen.macs, chosen.describe(), reason)
+        _record_change(result, name, conv, shape, chosen.form, chosen.settings, chosen.macs, chosen.params, reason,
+                       chosen.error)
 
     result.stats = {"rewritten": len(result.changed), "skipped": len(result.skipped)}
+    return result
+
+
+def _record_change(result: PassResult, name: str, conv: nn.Conv2d, shape: LayerShape, form: str,
+                   settings: dict[str, int], macs: int, params: int, reason: str, error: float | None) -> None:
+    before = conv_macs(conv, shape)
+    after = f"{form} ({', '.join(f'{key}={value}' for key, value in settings.items())})"
+    result.changed.append(LayerChange(
+        name,
+        before=f"conv {conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x{conv.kernel_size[1]}",
+        after=after,
+        details={"form": form, **settings, "macs_before": before, "macs_after": macs,
+                 "params_before": conv_params(conv), "params_after": params, "reason": reason,
+                 **({"error": error} if error is not None else {})},
+    ))
+    logger.info("Decomposed %s: %d -> %d MACs as %s (%s)", name, before, macs, after, reason)
+
+
+def _decompose_to_target(model: nn.Module, config: DecomposeConfig, example_input: torch.Tensor,
+                         selected: list[tuple[str, nn.Conv2d]], shapes: dict[str, LayerShape],
+                         calibration_inputs: torch.Tensor | None, result: PassResult) -> PassResult:
+    """Plan ranks and forms to reach ``config.target``, rewrite the model and record the plan in the result."""
+    from slimmer.plan import plan_decomposition, unit
+
+    plan = plan_decomposition(model, config, example_input, selected, shapes, calibration_inputs)
+    for layer in plan.layers:
+        option = layer.chosen
+        if option.form == "keep":
+            result.skipped.append(LayerSkip(layer.name, "the plan keeps it: every cheaper option adds more error "
+                                                        "per saved cost than the budget needed"))
+            continue
+        reason = (f"planned for {plan.metric} {plan.target_share:g}: relative output error {option.error:.4f} "
+                  f"at {option.cost(plan.metric):,.6g} {unit(plan.metric)}")
+        _record_change(result, layer.name, layer.conv, layer.shape, option.form, option.settings, option.macs,
+                       option.params, reason, option.error)
+    result.stats = {"rewritten": len(result.changed), "skipped": len(result.skipped), "plan": plan.summary(),
+                    "sensitivity": plan.sensitivity()}
     return result

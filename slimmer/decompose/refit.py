@@ -1,10 +1,11 @@
-"""Refit pass: least-squares refit of each replacement's last layer on calibration activations.
+"""Refit pass: least-squares refit of each replacement on calibration activations.
 
 Let ``Y`` be a replaced layer's output in the original network and ``Z`` the features that feed
-the replacement's last layer in the compressed network. The last layer's weight becomes the ridge
-solution ``W = Yᵀ Z (Zᵀ Z + λ I)⁻¹`` over all output positions, with
-``λ = ridge * trace(Zᵀ Z) / dim``. The last layer is a bottleneck's 1x1 expand (or its k x k core,
-over unfolded patches, when it has no expand) or a separable pair's pointwise convolution.
+the fitted layers in the compressed network. A layer's weight becomes the ridge solution
+``W = Yᵀ Z (Zᵀ Z + λ I)⁻¹`` over all output positions, with ``λ = ridge * trace(Zᵀ Z) / dim``.
+For a bottleneck, ``Z`` holds the unfolded patches after its reduce and the solution is cut to
+rank ``r_out`` (reduced-rank regression), which gives the core and the expand together; for a
+separable pair, ``Z`` is the depthwise output and only the pointwise layer is refit.
 Layers are refit in execution order, each on the inputs that the already-refit network
 produces, so errors do not pile up. Optionally the batch-norm statistics are then recomputed on
 the same images.
@@ -17,21 +18,17 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from slimmer.decompose.datafit import refit_bottleneck, unfold_patches
 from slimmer.graph import get_module
 from slimmer.layers import SeparableConv, TuckerBottleneck
-
-REFIT_TYPES = (TuckerBottleneck, SeparableConv)
 from slimmer.passes import LayerChange, PassResult
 from slimmer.recipe import RefitConfig
 
+REFIT_TYPES = (TuckerBottleneck, SeparableConv)
+
 logger = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    pass
 
 
 def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
@@ -48,44 +45,6 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
         for handle in handles:
             handle.remove()
     return order
-
-
-@torch.no_grad()
-def _capture(model: nn.Module, name: str, inputs: torch.Tensor, batch_size: int, want: str) -> torch.Tensor:
-    """Collect the input (``want='input'``) or output of module ``name`` for every calibration image."""
-    module = get_module(model, name)
-    # NOTE: the activations of all calibration images are held in memory at once, which suits
-    # CIFAR-sized inputs. At 224x224 a few hundred images can take gigabytes for early layers.
-    captured: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
-        captured.append((args[0] if want == "input" else output).detach())
-        raise _StopForward
-
-    handle = (module.register_forward_pre_hook(hook) if want == "input"
-              else module.register_forward_hook(hook))
-    try:
-        for start in range(0, len(inputs), batch_size):
-            try:
-                model(inputs[start:start + batch_size])
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(captured)
-
-
-def _patches(features: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Rows of unfolded ``conv`` receptive fields: ``(N * positions, C_in * kh * kw)``."""
-    padding = conv.padding
-    if isinstance(padding, str):
-        raise ValueError(f"refit of a core with padding={padding!r} is not supported; use numeric padding")
-    if conv.padding_mode != "zeros":
-        pad = (padding[1], padding[1], padding[0], padding[0])
-        features = F.pad(features, pad, mode=conv.padding_mode)
-        padding = (0, 0)
-    columns = F.unfold(features, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    return columns.transpose(1, 2).reshape(-1, columns.shape[1])
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -124,21 +83,13 @@ def refit_last_layer(module: nn.Module, layer_input: torch.Tensor, target: torch
             design = _rows(module.core(features))
         else:
             last = module.core
-            design = _patches(features, last)
+            design = unfold_patches(features, last)
     else:
         raise TypeError(f"refit applies to slimmer's replacement modules, found {type(module).__name__}")
     weight, bias = ridge_solve(design, _rows(target), ridge, last.bias is not None)
     last.weight.copy_(weight.reshape(last.weight.shape).to(last.weight.dtype))
     if bias is not None:
         last.bias.copy_(bias.to(last.bias.dtype))
-
-
-@torch.no_grad()
-def _refit_one(module: nn.Module, layer_input: torch.Tensor, target: torch.Tensor, ridge: float) -> float:
-    """Refit the last layer of ``module``; return the relative output error after the refit."""
-    refit_last_layer(module, layer_input, target, ridge)
-    output = module(layer_input)
-    return float((output - target).norm() / (target.norm() + 1e-12))
 
 
 @torch.no_grad()
@@ -181,22 +132,71 @@ def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: in
     return len(layers)
 
 
+@torch.no_grad()
+def capture_outputs(model: nn.Module, names: list[str], inputs: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """Collect the output of each named module on ``inputs`` in one pass over the model."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = []
+    for name in names:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any, name: str = name) -> None:
+            captured[name].append(output.detach())
+        handles.append(get_module(model, name).register_forward_hook(hook))
+    try:
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(tensors) for name, tensors in captured.items()}
+
+
+def _relative_error(output: torch.Tensor, target: torch.Tensor) -> float:
+    return float((output - target).norm() / (target.norm() + 1e-12))
+
+
 def refit(model: nn.Module, original: nn.Module, config: RefitConfig, calibration_inputs: torch.Tensor,
           inplace: bool = False) -> PassResult:
-    """Refit every bottleneck of ``model`` to match ``original`` on ``calibration_inputs (N, C, H, W)``."""
+    """Refit every replacement in ``model`` to match ``original`` on ``calibration_inputs (N, C, H, W)``.
+
+    The targets come from one pass over the original model. Then one pass over ``model`` with all
+    calibration images as a single batch refits each replacement when the forward pass reaches it,
+    so every layer is fit on the inputs that the already-refit layers before it produce. A
+    bottleneck's core and expand are refit jointly (reduced-rank regression, the reduce stays); a
+    separable pair's pointwise layer is refit alone.
+    """
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     original.eval()
     result = PassResult("refit", model)
     order = _execution_order(model, calibration_inputs)
-    for name in order:
-        bottleneck = get_module(model, name)
-        target = _capture(original, name, calibration_inputs, config.batch_size, want="output")
-        layer_input = _capture(model, name, calibration_inputs, config.batch_size, want="input")
+    # NOTE: the targets of all replaced layers and one batch of every activation are held in memory
+    # at once, which suits CIFAR-sized inputs; at 224x224 a few hundred images take gigabytes.
+    targets = capture_outputs(original, order, calibration_inputs, config.batch_size)
+    errors: dict[str, tuple[float, float]] = {}
+
+    def refit_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str) -> torch.Tensor:
+        layer_input, target = args[0], targets[name]
+        before = _relative_error(output, target)
+        if isinstance(module, TuckerBottleneck):
+            refit_bottleneck(module, layer_input, target, config.ridge)
+        else:
+            refit_last_layer(module, layer_input, target, config.ridge)
+        output = module.forward(layer_input)  # forward() skips this hook
+        errors[name] = (before, _relative_error(output, target))
+        return output
+
+    handles = [get_module(model, name).register_forward_hook(
+        lambda module, args, output, name=name: refit_hook(module, args, output, name)) for name in order]
+    try:
         with torch.no_grad():
-            before = float((bottleneck(layer_input) - target).norm() / (target.norm() + 1e-12))
-        after = _refit_one(bottleneck, layer_input, target, config.ridge)
+            model(calibration_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    for name in order:
+        before, after = errors[name]
         if after > before:
             logger.warning("Refit of %s raised its relative error from %.4f to %.4f", name, before, after)
         result.changed.append(LayerChange(name, before=f"relative error {before:.4f}", after=f"relative error {after:.4f}",
