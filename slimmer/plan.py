@@ -1,9 +1,9 @@
 """Budget planner: give each layer the option that reaches a model-wide cost target with the least error.
 
-For every candidate layer the planner lists its options (keep it; Tucker-2 bottlenecks over a
-grid of input and output ranks that are multiples of ``round_to``; separable pairs with channel
-multiplier K), each with its MACs, parameters, optionally measured onnxruntime latency, and its
-relative output error ``E||y - ŷ||² / E||y||²`` on calibration images (see
+For every candidate layer the planner lists its options: keep it, Tucker-2 bottlenecks over a
+grid of input and output ranks that are multiples of ``round_to``, and separable pairs with
+channel multiplier K. Each option has its MACs, parameters, optionally measured onnxruntime
+latency, and its relative output error ``E||y - ŷ||² / E||y||²`` on calibration images (see
 :mod:`slimmer.decompose.datafit`). Allocation then minimizes the sum of the layers' errors
 subject to the budget: each layer's options are reduced to the lower convex hull of
 (cost, error), and a greedy loop repeatedly takes the hull step with the least error added per
@@ -286,8 +286,10 @@ def plan_decomposition(model: nn.Module, config: DecomposeConfig, example_input:
         moments = {name: None for name, _ in selected}
         calibration = "none (weight approximation errors)"
 
-    latency = LatencyTable(target.batch_size, target.threads,
-                           Path(target.latency_cache) if target.latency_cache else None) if metric == "latency" else None
+    latency = None
+    if metric == "latency":
+        cache_file = Path(target.latency_cache) if target.latency_cache else None
+        latency = LatencyTable(target.batch_size, target.threads, cache_file)
     layers = []
     for index, (name, conv) in enumerate(selected):
         layers.append(layer_options(name, conv, shapes[name], LayerFitter(conv, moments[name]), config, latency))
@@ -342,7 +344,12 @@ def _meet_latency(plan: Plan, original_model: nn.Module, model: nn.Module, examp
         plan.measured_share = measured
         logger.info("Latency round %d: planned %.3f, measured %.3f of the original (target %.3f)",
                     round_index + 1, plan.planned_share, measured, plan.target_share)
-        if measured <= plan.target_share or round_index + 1 == LATENCY_ROUNDS:
+        if measured <= plan.target_share:
+            return
+        if round_index + 1 == LATENCY_ROUNDS:
+            logger.warning("The planned model measures %.3f of the original latency, above the target %.3f, after "
+                           "%d rounds; lower the target or measure with more runs", measured, plan.target_share,
+                           LATENCY_ROUNDS)
             return
         goal *= plan.target_share / measured
         if plan.smallest_cost > goal * plan.original_cost:
