@@ -6,7 +6,8 @@
 Each run is a real `slimmer apply` on the checkpoints in ../shared/models and the images in
 ../shared/data. The targets checked for the ResNet-56 half-MACs recipe: MACs at most 0.5x,
 onnxruntime latency at most 0.7x at batch 1 and 0.6x at batch 32 (1 thread), top-1 at most
-2.5 points below the original. Exit code 1 when a target is missed.
+2.5 points below the original. The planned recipes and bench/bench_plan.py are checked against
+the budget-planning targets listed in their section. Exit code 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ RUNS = {
     "resnet56-separable": ("recipes/resnet56-separable.yaml", SHARED / "models" / "resnet56-cifar10-jpeg.th"),
     "resnet56-auto": ("recipes/resnet56-auto.yaml", SHARED / "models" / "resnet56-cifar10-jpeg.th"),
     "resnet20": ("recipes/resnet20-half-macs.yaml", SHARED / "models" / "resnet20-cifar10-jpeg.th"),
+    "resnet56-target-macs": ("recipes/resnet56-target-macs.yaml", SHARED / "models" / "resnet56-cifar10-jpeg.th"),
+    "resnet56-target-latency": ("recipes/resnet56-target-latency.yaml",
+                                SHARED / "models" / "resnet56-cifar10-jpeg.th"),
 }
 FORMS = ("resnet56", "resnet56-separable", "resnet56-auto")
 TARGETS = {"macs": 0.5, "latency_batch_1": 0.7, "latency_batch_32": 0.6, "accuracy_drop_points": 2.5}
@@ -121,6 +125,57 @@ def forms_comparison(reports: dict[str, tuple[dict, float]]) -> list[str]:
     return lines + [""]
 
 
+def planning_section(reports: dict[str, tuple[dict, float]], reuse: bool) -> tuple[list[str], bool]:
+    """Record the planned recipes and the before-fine-tuning comparisons; return the lines and whether all met."""
+    import bench_plan
+
+    if not (reuse and bench_plan.OUTPUT.is_file()):
+        print(f"$ {sys.executable} bench/bench_plan.py", flush=True)
+        subprocess.run([sys.executable, str(REPOSITORY / "bench" / "bench_plan.py")], cwd=REPOSITORY, check=True)
+    comparison = json.loads(bench_plan.OUTPUT.read_text())
+    original = comparison["original_top1"]
+    variants = comparison["variants"]
+    planned, uniform = variants[0], variants[1]
+    checks: list[tuple[str, str, bool]] = []
+    lines = ["## Budget planning on ResNet-56", "",
+             "`bench/bench_plan.py`: every 3x3 convolution of the residual stages as a Tucker-2 bottleneck with "
+             f"ranks that are multiples of 8, before any fine-tuning. {comparison['calibration_images']} calibration "
+             f"images; original top-1 {original:.2f}%. The uniform allocation uses rank ratio "
+             f"{comparison['uniform_ratio']} in every layer, the ratio whose MACs come closest to the planned ones.", "",
+             "| allocation and initialization | MACs | top-1 after init, % | top-1 after refit, % | refit time, s |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in variants:
+        lines.append(f"| {row['variant']} | {row['macs_ratio']:.3f}x | {row['top1_init']:.2f} | "
+                     f"{row['top1_refit']:.2f} | {row['refit_s']:.1f} |")
+    checks.append(("planned beats uniform before fine-tuning (after refit)",
+                   f"{planned['top1_refit']:.2f} vs {uniform['top1_refit']:.2f}",
+                   planned["top1_refit"] > uniform["top1_refit"]))
+    checks.append(("refit beats no refit (planned)", f"{planned['top1_refit']:.2f} vs {planned['top1_init']:.2f}",
+                   planned["top1_refit"] > planned["top1_init"]))
+    checks.append(("planned top-1 before fine-tuning at most 5 points below the original",
+                   f"{planned['top1_refit'] - original:+.2f} pts", original - planned["top1_refit"] <= 5.0))
+
+    if "resnet56-target-macs" in reports:
+        report, _ = reports["resnet56-target-macs"]
+        ratio = report["ratios"]["macs"]
+        drop = report["original"]["accuracy"] - report["compressed"]["accuracy"]
+        timings = report["timings_s"]
+        plan_and_refit = timings["steps[0].decompose"] + timings["steps[1].refit"]
+        checks.append(("`resnet56-target-macs`: MACs within 3% of 0.5", f"{ratio:.3f}x", abs(ratio / 0.5 - 1) <= 0.03))
+        checks.append(("`resnet56-target-macs`: top-1 after 1 epoch at most 1.0 point below the original",
+                       f"{-drop:+.2f} pts", drop <= 1.0))
+        checks.append(("`resnet56-target-macs`: planning and refit under 2 minutes", f"{plan_and_refit:.1f} s",
+                       plan_and_refit < 120))
+    if "resnet56-target-latency" in reports:
+        report, _ = reports["resnet56-target-latency"]
+        ratio = report["ratios"]["latency_median"]["32"]
+        checks.append(("`resnet56-target-latency`: fresh latency at batch 32 at most 0.6x", f"{ratio:.3f}x",
+                       ratio <= 0.6))
+    lines += ["", "| check | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {value} | {'yes' if met else 'NO'} |" for label, value, met in checks]
+    return lines + [""], all(met for _, _, met in checks)
+
+
 def forms_section() -> list[str]:
     from bench_separable_forms import markdown, measure
 
@@ -133,6 +188,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(RUNS), action="append", help="run only these recipes")
     parser.add_argument("--skip-forms", action="store_true", help="do not time the depthwise forms")
+    parser.add_argument("--skip-planning", action="store_true", help="do not run the planning comparison")
     parser.add_argument("--reuse", action="store_true",
                         help="read the reports of earlier runs in bench/out instead of running the recipes again")
     arguments = parser.parse_args()
@@ -162,6 +218,10 @@ def main() -> int:
             best = max(reports[other][0]["compressed"]["accuracy"] for other in ("resnet56", "resnet56-separable"))
             failed |= report["compressed"]["accuracy"] < best - 0.5
     lines += forms_comparison(reports)
+    if not arguments.skip_planning:
+        planning_lines, planning_met = planning_section(reports, arguments.reuse)
+        lines += planning_lines
+        failed |= not planning_met
     if not arguments.skip_forms:
         lines += forms_section()
     RESULTS_PAGE.parent.mkdir(parents=True, exist_ok=True)

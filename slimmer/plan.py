@@ -10,6 +10,11 @@ subject to the budget: each layer's options are reduced to the lower convex hull
 unit of cost saved until the model fits the target. On convex per-layer curves this greedy
 order is the exact solution of the Lagrangian relaxation of the knapsack problem; it can miss
 the optimum only by the one step that crosses the budget.
+
+A bottleneck rank below the channel count is the same model as pruning that many channels of
+the bottleneck's 1x1 layers, so the rank grid covers channel pruning of the new layers.
+NOTE: 1x1 convolutions that the original model already has are not options here; pruning them
+stays with the prune step, outside the budget.
 """
 
 from __future__ import annotations

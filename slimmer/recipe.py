@@ -91,7 +91,8 @@ class DecomposeConfig(_Strict):
     ``bottleneck`` is Tucker-2 with ranks from ``rank`` (or ``rank_in`` and ``rank_out``);
     ``separable`` is depthwise then pointwise with the channel multiplier from ``multiplier``;
     ``auto`` takes the bottleneck ranks as each layer's MAC budget. Per layer, it picks the form
-    with the lower output error on calibration images at no more than those MACs.
+    with the lower output error on calibration images at no more than those MACs. With ``target``
+    the ranks (and, for ``auto``, the forms) are planned per layer to reach a model-wide budget.
     """
 
     form: Literal["bottleneck", "separable", "auto"] = "bottleneck"

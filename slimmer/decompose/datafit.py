@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -323,9 +322,3 @@ def refit_bottleneck(module: TuckerBottleneck, layer_input: torch.Tensor, target
     fit, basis = fit_from_moments(moment_yy, moment_yz, moment_zz, ridge, rank)
     set_bottleneck_weights(module, None, fit.matrix, basis)
 
-
-def describe_moment(moment: torch.Tensor | None) -> dict[str, Any]:
-    if moment is None:
-        return {"source": "weights only"}
-    return {"source": "calibration", "size": moment.shape[0], "trace": float(torch.trace(moment)),
-            "condition": float(torch.linalg.cond(moment)) if math.prod(moment.shape) < 4_000_000 else None}
