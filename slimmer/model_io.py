@@ -288,6 +288,14 @@ def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, 
     ``weights_only=True`` through :func:`load_compressed`. Without it (the input was a pickled module)
     the whole module is pickled, and loading it needs the same opt-in as the input did.
     """
+    buffer = io.BytesIO()
+    torch.save(compressed_payload(model, architecture, replacements), buffer)
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def compressed_payload(model: nn.Module, architecture: dict[str, Any] | None,
+                       replacements: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Return what :func:`save_compressed` writes; :func:`load_compressed` takes it as ``checkpoint``."""
     payload: dict[str, Any] = {
         "format": COMPRESSED_FORMAT,
         "architecture": architecture,
@@ -296,9 +304,7 @@ def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, 
     }
     if architecture is None:
         payload["model"] = model
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    Path(path).write_bytes(buffer.getvalue())
+    return payload
 
 
 def load_compressed(path: str | Path, search_path: list[Path] | None = None,

@@ -6,6 +6,7 @@ This is the only module that defines the order of the stages.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 import shutil
@@ -20,15 +21,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimmer.checkpoint import (CHECKPOINT_FILE, RunCheckpoint, check_resumable, load_run_checkpoint, model_fingerprint,
+                                recipe_settings, save_run_checkpoint, work_dir)
 from slimmer.cost import count_macs, count_params, measure_latency
 from slimmer.data import build_dataset, evaluate_top1, make_loader, sample_inputs
 from slimmer.decompose import decompose
 from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
 from slimmer.export import check_parity, export_onnx
-from slimmer.finetune import finetune
+from slimmer.finetune import CheckpointCallback, FinetuneState, finetune
 from slimmer.layers import REPLACEMENT_FORMS
-from slimmer.model_io import save_compressed
+from slimmer.model_io import compressed_payload, load_compressed, save_compressed
 from slimmer.passes import PassResult
 from slimmer.prune import prune
 from slimmer.recipe import DecomposeStep, FinetuneStep, PruneStep, Recipe, RefitStep, load_recipe, recipe_from_dict
@@ -45,12 +48,23 @@ class Datasets:
 
 
 @dataclass
+class CheckpointTarget:
+    """The work folder and the records a run saves its fine-tuning checkpoints with."""
+
+    folder: Path
+    model_fingerprint: str
+    architecture: dict[str, Any] | None  # as save_compressed takes it
+
+
+@dataclass
 class RunContext:
     recipe: Recipe
     example_input: torch.Tensor
     datasets: Datasets
     progress: bool = True
     timings_s: dict[str, float] = field(default_factory=dict)
+    checkpoints: CheckpointTarget | None = None  # None: no checkpoints (no output folder)
+    resume_from: RunCheckpoint | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -100,10 +114,22 @@ def calibration_images(context: RunContext, count: int) -> torch.Tensor | None:
 
 
 def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tuple[nn.Module, list[PassResult]]:
-    """Run the recipe's steps in order on a copy of ``model``; ``teacher`` is the original for distillation."""
+    """Run the recipe's steps in order on a copy of ``model``; ``teacher`` is the original for distillation.
+
+    With ``context.resume_from``, the model and the records of the steps before the checkpoint come
+    from the checkpoint, and the run continues inside the finetune step that saved it.
+    """
     results: list[PassResult] = []
-    model = copy.deepcopy(model)
-    for index, step in enumerate(context.recipe.steps):
+    first_step = 0
+    saved = context.resume_from
+    if saved is not None:
+        model = _model_from_checkpoint(saved, context)
+        results = [PassResult.from_dict(record, model) for record in saved.passes]
+        first_step = saved.step_index
+        context.timings_s.update(saved.timings_s)
+    else:
+        model = copy.deepcopy(model)
+    for index, step in enumerate(context.recipe.steps[first_step:], first_step):
         started = time.perf_counter()
         if isinstance(step, DecomposeStep):
             images = None
@@ -119,8 +145,10 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
             config = step.finetune
             loader = make_loader(context.datasets.train, context.recipe.data, batch_size=config.batch_size,
                                  shuffle=True, seed=context.recipe.seed + index)
+            resume_state = FinetuneState.from_dict(saved.finetune) if saved is not None and index == first_step else None
             result = finetune(model, config, loader, teacher if config.distill else None, inplace=True,
-                              progress=context.progress)
+                              progress=context.progress, resume_from=resume_state,
+                              on_checkpoint=_checkpoint_writer(context, index, results))
         else:
             raise TypeError(f"unknown step type {type(step).__name__}")
         model = result.model
@@ -129,6 +157,62 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
         logger.info("Step %d (%s): %d layers changed, %d skipped", index, result.pass_name,
                     len(result.changed), len(result.skipped))
     return model.eval(), results
+
+
+def _checkpoint_writer(context: RunContext, step_index: int, results: list[PassResult]) -> CheckpointCallback | None:
+    """Return the function that saves a checkpoint inside ``steps[step_index]``, or None without a work folder."""
+    target = context.checkpoints
+    if target is None:
+        return None
+    settings = recipe_settings(context.recipe, step_index)
+    # Through JSON, as report.json stores them: the records then load with torch.load(weights_only=True).
+    passes = json.loads(json.dumps([result.to_dict() for result in results], default=str))
+    timings_s = dict(context.timings_s)
+
+    def write(model: nn.Module, state: FinetuneState) -> None:
+        payload = compressed_payload(model, target.architecture, replacement_specs(model))
+        checkpoint = RunCheckpoint(step_index, settings, target.model_fingerprint, payload, passes, timings_s,
+                                   state.to_dict())
+        path = save_run_checkpoint(target.folder, checkpoint)
+        logger.debug("Saved a checkpoint after fine-tune step %d to %s", state.step, path)
+
+    return write
+
+
+def _model_from_checkpoint(saved: RunCheckpoint, context: RunContext) -> nn.Module:
+    assert context.checkpoints is not None
+    path = context.checkpoints.folder / CHECKPOINT_FILE
+    model = load_compressed(path, search_path(context.recipe), checkpoint=saved.compressed,
+                            allow_pickle=context.checkpoints.architecture is None)
+    logger.info("Resuming from %s inside steps[%d]", path, saved.step_index)
+    return model
+
+
+def prepare_work_dir(model: nn.Module, recipe: Recipe, output_dir: Path, architecture: dict[str, Any] | None,
+                     force: bool, resume: bool) -> tuple[CheckpointTarget | None, RunCheckpoint | None]:
+    """Check the work folder beside ``output_dir``; return where to save checkpoints and the one to resume from.
+
+    Without ``resume``, partial work from an earlier run is rejected, or removed with ``force``.
+    """
+    folder = work_dir(output_dir)
+    saved = None
+    fingerprint = None
+    if resume:
+        saved = load_run_checkpoint(folder, allow_pickle=architecture is None, search_path=search_path(recipe))
+        fingerprint = model_fingerprint(model)
+        check_resumable(saved, recipe, fingerprint, folder)
+    elif folder.exists():
+        if not force:
+            raise InputError(f"partial work of an interrupted run is in {folder}; pass --resume (resume=True from "
+                             "Python) to continue it, or --force (force=True) to discard it")
+        logger.info("Removing the partial work in %s (force)", folder)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        else:
+            folder.unlink()
+    if not any(isinstance(step, FinetuneStep) for step in recipe.steps):
+        return None, saved
+    return CheckpointTarget(folder, fingerprint or model_fingerprint(model), architecture), saved
 
 
 def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
@@ -183,6 +267,7 @@ def apply(
     progress: bool | None = None,
     architecture: dict[str, Any] | None | Literal["recipe"] = "recipe",
     force: bool = False,
+    resume: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``recipe``; return the compressed model and the report.
 
@@ -193,12 +278,37 @@ def apply(
     terminal. ``architecture`` sets how model.pt rebuilds the model's class: ``"recipe"`` takes
     ``model.architecture`` from the recipe when it names one, a dict gives it directly
     (``{"architecture", "kwargs", "python_path"}``), and None saves the whole module pickled.
+
+    With ``output_dir``, finetune steps save checkpoints to the work folder ``<output_dir>.partial``
+    (see :mod:`slimmer.checkpoint`), which is removed after success. ``resume`` continues from its
+    checkpoint, for the same ``model`` and recipe settings. Without ``resume``, an existing work
+    folder is rejected, or discarded with ``force``. An exception raised after a checkpoint was
+    saved has the attribute ``partial_work``, the work folder.
     """
     recipe = as_recipe(recipe)
     if architecture == "recipe":
         architecture = recipe_architecture(recipe)
+    checkpoints = saved = None
     if output_dir is not None:
-        check_output_dir(Path(output_dir), force)
+        output_dir = Path(output_dir)
+        check_output_dir(output_dir, force)
+        checkpoints, saved = prepare_work_dir(model, recipe, output_dir, architecture, force, resume)
+    elif resume:
+        raise InputError("resume needs output_dir, the output folder of the interrupted run")
+    try:
+        compressed, report = _run(model, recipe, output_dir, progress, architecture, checkpoints, saved)
+    except BaseException as error:
+        if checkpoints is not None and (checkpoints.folder / CHECKPOINT_FILE).is_file():
+            error.partial_work = checkpoints.folder  # type: ignore[attr-defined]
+        raise
+    if checkpoints is not None and checkpoints.folder.exists():
+        shutil.rmtree(checkpoints.folder, ignore_errors=True)
+    return compressed, report
+
+
+def _run(model: nn.Module, recipe: Recipe, output_dir: Path | None, progress: bool | None,
+         architecture: dict[str, Any] | None, checkpoints: CheckpointTarget | None,
+         saved: RunCheckpoint | None) -> tuple[nn.Module, dict[str, Any]]:
     if progress is None:
         progress = sys.stderr.isatty()
     seed_everything(recipe.seed)
@@ -206,7 +316,7 @@ def apply(
     original = copy.deepcopy(model).eval()
     example_input = torch.randn((1, *recipe.model.input_shape), generator=torch.Generator().manual_seed(recipe.seed))
     datasets = load_datasets(recipe)
-    context = RunContext(recipe, example_input, datasets, progress)
+    context = RunContext(recipe, example_input, datasets, progress, checkpoints=checkpoints, resume_from=saved)
     val_loader = make_loader(datasets.val, recipe.data) if datasets.val is not None else None
 
     original_summary, original_macs = _model_summary(original, example_input, val_loader)
@@ -227,6 +337,8 @@ def apply(
         "macs_counted": "convolutions and linear layers; one MAC is one multiply-add, per sample",
         "environment": environment(),
         "recipe_resolved": recipe.model_dump(mode="json"),
+        "resumed_from": None if saved is None else {"step": f"steps[{saved.step_index}]",
+                                                     "finetune_step": saved.finetune["step"]},
     }
     parity_data = datasets.val if datasets.val is not None else datasets.train
     parity_inputs = sample_inputs(parity_data, recipe.export.parity.samples, recipe.model.input_shape, recipe.seed)

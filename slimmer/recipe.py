@@ -135,6 +135,8 @@ class FinetuneConfig(_Strict):
     )
     batch_size: Annotated[int, Field(gt=0)] = 128
     threads: Annotated[int, Field(ge=0)] = Field(0, description="torch threads during training; 0 keeps torch's default")
+    checkpoint_every: Annotated[int, Field(gt=0)] = Field(
+        500, description="optimizer steps between checkpoints in the work folder (with an output folder only)")
 
     @model_validator(mode="after")
     def _budget_given(self) -> FinetuneConfig:

@@ -1,0 +1,159 @@
+"""Checkpoints that let an interrupted run continue: ``slimmer apply --resume``.
+
+While a finetune step runs with an output folder ``out``, the run keeps one checkpoint in the
+work folder ``out.partial/checkpoint.pt``, replaced atomically each time. It contains the
+compressed model (structure as :func:`slimmer.model_io.compressed_payload` records it, and
+weights), the fine-tuning state (optimizer, learning-rate schedule, step, data order, random
+number generator states), the records of the steps before, and two fingerprints. One fingerprint
+covers the recipe settings that produced the state and the other the input model's weights. A
+resumed run must match both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimmer.errors import InputError
+from slimmer.model_io import read_checkpoint
+from slimmer.recipe import Recipe
+
+CHECKPOINT_FORMAT = "slimmer.run-checkpoint/1"
+CHECKPOINT_FILE = "checkpoint.pt"
+# Finetune settings that change how often the state is saved, not the state itself.
+SETTINGS_NOT_COMPARED = ("checkpoint_every",)
+
+
+def work_dir(output_dir: str | Path) -> Path:
+    """Return the work folder of a run writing to ``output_dir``: its sibling ``<name>.partial``."""
+    output_dir = Path(output_dir)
+    if output_dir.name in ("", ".", ".."):
+        output_dir = output_dir.resolve()
+    return output_dir.with_name(f"{output_dir.name}.partial")
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """Return the states of Python's, NumPy's and torch's global random number generators."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global random number generators to states from :func:`capture_rng_states`."""
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Return the SHA-256 of the model's state_dict: names, dtypes, shapes and bytes of every entry."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{key}|{value!r}|".encode())
+    return digest.hexdigest()
+
+
+def recipe_settings(recipe: Recipe, step_index: int) -> dict[str, Any]:
+    """Return the recipe settings that determine the state reached within ``steps[step_index]``.
+
+    These are ``seed``, ``model``, ``data`` and the steps up to that one, less the settings in
+    ``SETTINGS_NOT_COMPARED``. Export and report settings, and the later steps, may change before a resume.
+    """
+    resolved = recipe.model_dump(mode="json")
+    steps = []
+    for step in resolved["steps"][: step_index + 1]:
+        kind, config = next(iter(step.items()))
+        steps.append({kind: {key: value for key, value in config.items() if key not in SETTINGS_NOT_COMPARED}})
+    return {"seed": resolved["seed"], "model": resolved["model"], "data": resolved["data"], "steps": steps}
+
+
+@dataclass
+class RunCheckpoint:
+    """One saved point of a run, inside ``steps[step_index]`` (a finetune step)."""
+
+    step_index: int
+    recipe_settings: dict[str, Any]  # recipe_settings(recipe, step_index) of the run that saved it
+    model_fingerprint: str  # model_fingerprint() of the input model
+    compressed: dict[str, Any]  # compressed_payload() of the model being fine-tuned
+    passes: list[dict[str, Any]]  # PassResult.to_dict() of the steps before steps[step_index]
+    timings_s: dict[str, float]  # the run's timings so far, by stage
+    finetune: dict[str, Any]  # FinetuneState.to_dict()
+
+
+def save_run_checkpoint(folder: Path, checkpoint: RunCheckpoint) -> Path:
+    """Write ``folder/checkpoint.pt`` through a temporary file, so a crash never leaves half a checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT_FILE
+    temporary = folder / f"{CHECKPOINT_FILE}.tmp"
+    payload = {"format": CHECKPOINT_FORMAT,
+               **{item.name: getattr(checkpoint, item.name) for item in fields(RunCheckpoint)}}
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def load_run_checkpoint(folder: Path, allow_pickle: bool = False,
+                        search_path: list[Path] | None = None) -> RunCheckpoint:
+    """Read ``folder/checkpoint.pt``; a checkpoint of a pickled model needs ``allow_pickle``."""
+    path = folder / CHECKPOINT_FILE
+    if not path.is_file():
+        raise InputError(f"cannot resume: no checkpoint found at {path}; run without --resume "
+                         "(resume=False from Python) to start over")
+    payload = read_checkpoint(path, allow_pickle=allow_pickle, search_path=search_path)
+    names = [item.name for item in fields(RunCheckpoint)]
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or not set(names) <= set(payload):
+        raise InputError(f"cannot resume: {path} is not a slimmer run checkpoint ({CHECKPOINT_FORMAT}); "
+                         f"delete {folder} or pass --force to start over")
+    return RunCheckpoint(**{name: payload[name] for name in names})
+
+
+def check_resumable(checkpoint: RunCheckpoint, recipe: Recipe, fingerprint: str, folder: Path) -> None:
+    """Raise InputError unless ``checkpoint`` was made with the same model and recipe settings."""
+    start_over = "or start over without --resume and with --force (resume=False, force=True from Python)"
+    if checkpoint.model_fingerprint != fingerprint:
+        raise InputError(f"cannot resume from {folder}: its checkpoint was made from a model with other weights; "
+                         f"pass the input model of the interrupted run, {start_over}")
+    current = recipe_settings(recipe, checkpoint.step_index)
+    differences = _differences(checkpoint.recipe_settings, current)
+    if differences:
+        listed = ", ".join(differences[:4]) + (f", ... ({len(differences)} in all)" if len(differences) > 4 else "")
+        raise InputError(f"cannot resume from {folder}: the recipe differs from the one its checkpoint was made "
+                         f"with at {listed}; restore those settings, {start_over}")
+
+
+def _differences(saved: Any, current: Any, place: str = "") -> list[str]:
+    """List the places (``steps[2].finetune.lr``) where two JSON-like documents differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in list(saved) + [key for key in current if key not in saved]:
+            child = f"{place}.{key}" if place else str(key)
+            if key not in saved or key not in current:
+                found.append(child)
+            else:
+                found.extend(_differences(saved[key], current[key], child))
+        return found
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [difference for index, (left, right) in enumerate(zip(saved, current))
+                for difference in _differences(left, right, f"{place}[{index}]")]
+    return [] if json.dumps(saved, sort_keys=True) == json.dumps(current, sort_keys=True) else [place or "(top level)"]
