@@ -13,19 +13,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from slimmer.errors import InputError
-from slimmer.model_io import read_checkpoint
-from slimmer.recipe import Recipe
+from slimmer.model_io import compressed_payload, read_checkpoint, replacement_specs
+from slimmer.recipe import FinetuneStep, Recipe
+
+if TYPE_CHECKING:
+    from slimmer.finetune import FinetuneState
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "slimmer.run-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -157,3 +165,62 @@ def _differences(saved: Any, current: Any, place: str = "") -> list[str]:
         return [difference for index, (left, right) in enumerate(zip(saved, current))
                 for difference in _differences(left, right, f"{place}[{index}]")]
     return [] if json.dumps(saved, sort_keys=True) == json.dumps(current, sort_keys=True) else [place or "(top level)"]
+
+
+@dataclass
+class CheckpointTarget:
+    """The work folder and the records a run saves its fine-tuning checkpoints with."""
+
+    folder: Path
+    model_fingerprint: str
+    architecture: dict[str, Any] | None  # as save_compressed takes it
+
+
+def prepare_work_dir(model: nn.Module, recipe: Recipe, output_dir: Path, architecture: dict[str, Any] | None,
+                     force: bool, resume: bool,
+                     search_path: list[Path]) -> tuple[CheckpointTarget | None, RunCheckpoint | None]:
+    """Check the work folder beside ``output_dir``; return where to save checkpoints and the one to resume from.
+
+    Without ``resume``, partial work from an earlier run is rejected, or removed with ``force``.
+    The target is None for a recipe without a finetune step.
+    """
+    folder = work_dir(output_dir)
+    saved = None
+    fingerprint = None
+    if resume:
+        saved = load_run_checkpoint(folder, allow_pickle=architecture is None, search_path=search_path)
+        fingerprint = model_fingerprint(model)
+        check_resumable(saved, recipe, fingerprint, folder)
+    elif folder.exists():
+        if not force:
+            raise InputError(f"partial work of an interrupted run is in {folder}; pass --resume (resume=True from "
+                             "Python) to continue it, or --force (force=True) to discard it")
+        logger.info("Removing the partial work in %s (force)", folder)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        else:
+            folder.unlink()
+    if not any(isinstance(step, FinetuneStep) for step in recipe.steps):
+        return None, saved
+    return CheckpointTarget(folder, fingerprint or model_fingerprint(model), architecture), saved
+
+
+def checkpoint_writer(target: CheckpointTarget, recipe: Recipe, step_index: int, pass_records: list[dict[str, Any]],
+                      timings_s: dict[str, float]) -> Callable[[nn.Module, FinetuneState], None]:
+    """Return the function that saves a checkpoint inside ``steps[step_index]`` for the finetune pass.
+
+    ``pass_records`` are the ``PassResult.to_dict()`` records of the steps before.
+    """
+    settings = recipe_settings(recipe, step_index)
+    # Through JSON, as report.json stores them: the records then load with torch.load(weights_only=True).
+    passes = json.loads(json.dumps(pass_records, default=str))
+    timings_s = dict(timings_s)
+
+    def write(model: nn.Module, state: FinetuneState) -> None:
+        payload = compressed_payload(model, target.architecture, replacement_specs(model))
+        checkpoint = RunCheckpoint(step_index, settings, target.model_fingerprint, payload, passes, timings_s,
+                                   state.to_dict())
+        path = save_run_checkpoint(target.folder, checkpoint)
+        logger.debug("Saved a checkpoint after fine-tune step %d to %s", state.step, path)
+
+    return write

@@ -321,6 +321,12 @@ def _resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
         set_module(model, name, new)
 
 
+def replacement_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Return the ``spec()`` of every replacement module in ``model``, by qualified name, as save_compressed takes them."""
+    forms = tuple(REPLACEMENT_FORMS.values())
+    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, forms)}
+
+
 def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None,
                     replacements: dict[str, dict[str, Any]]) -> None:
     """Write the compressed model: its state_dict plus what is needed to rebuild its structure.

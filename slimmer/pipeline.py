@@ -6,7 +6,6 @@ This is the only module that defines the order of the stages.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
 import shutil
@@ -21,17 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimmer.checkpoint import (CHECKPOINT_FILE, RunCheckpoint, check_resumable, load_run_checkpoint, model_fingerprint,
-                                recipe_settings, save_run_checkpoint, work_dir)
+from slimmer.checkpoint import CHECKPOINT_FILE, CheckpointTarget, RunCheckpoint, checkpoint_writer, prepare_work_dir
 from slimmer.cost import count_macs, count_params, measure_latency
 from slimmer.data import build_dataset, evaluate_top1, make_loader, sample_inputs
 from slimmer.decompose import decompose
 from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
 from slimmer.export import check_parity, export_onnx
-from slimmer.finetune import CheckpointCallback, FinetuneState, finetune
-from slimmer.layers import REPLACEMENT_FORMS
-from slimmer.model_io import compressed_payload, load_compressed, save_compressed
+from slimmer.finetune import FinetuneState, finetune
+from slimmer.model_io import load_compressed, replacement_specs, save_compressed
 from slimmer.passes import PassResult
 from slimmer.prune import prune
 from slimmer.recipe import DecomposeStep, FinetuneStep, PruneStep, Recipe, RefitStep, load_recipe, recipe_from_dict
@@ -45,15 +42,6 @@ class Datasets:
     train: Any = None
     val: Any = None
     calibration: Any = None
-
-
-@dataclass
-class CheckpointTarget:
-    """The work folder and the records a run saves its fine-tuning checkpoints with."""
-
-    folder: Path
-    model_fingerprint: str
-    architecture: dict[str, Any] | None  # as save_compressed takes it
 
 
 @dataclass
@@ -146,9 +134,12 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
             loader = make_loader(context.datasets.train, context.recipe.data, batch_size=config.batch_size,
                                  shuffle=True, seed=context.recipe.seed + index)
             resume_state = FinetuneState.from_dict(saved.finetune) if saved is not None and index == first_step else None
+            on_checkpoint = None
+            if context.checkpoints is not None:
+                on_checkpoint = checkpoint_writer(context.checkpoints, context.recipe, index,
+                                                  [result.to_dict() for result in results], context.timings_s)
             result = finetune(model, config, loader, teacher if config.distill else None, inplace=True,
-                              progress=context.progress, resume_from=resume_state,
-                              on_checkpoint=_checkpoint_writer(context, index, results))
+                              progress=context.progress, resume_from=resume_state, on_checkpoint=on_checkpoint)
         else:
             raise TypeError(f"unknown step type {type(step).__name__}")
         model = result.model
@@ -159,26 +150,6 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
     return model.eval(), results
 
 
-def _checkpoint_writer(context: RunContext, step_index: int, results: list[PassResult]) -> CheckpointCallback | None:
-    """Return the function that saves a checkpoint inside ``steps[step_index]``, or None without a work folder."""
-    target = context.checkpoints
-    if target is None:
-        return None
-    settings = recipe_settings(context.recipe, step_index)
-    # Through JSON, as report.json stores them: the records then load with torch.load(weights_only=True).
-    passes = json.loads(json.dumps([result.to_dict() for result in results], default=str))
-    timings_s = dict(context.timings_s)
-
-    def write(model: nn.Module, state: FinetuneState) -> None:
-        payload = compressed_payload(model, target.architecture, replacement_specs(model))
-        checkpoint = RunCheckpoint(step_index, settings, target.model_fingerprint, payload, passes, timings_s,
-                                   state.to_dict())
-        path = save_run_checkpoint(target.folder, checkpoint)
-        logger.debug("Saved a checkpoint after fine-tune step %d to %s", state.step, path)
-
-    return write
-
-
 def _model_from_checkpoint(saved: RunCheckpoint, context: RunContext) -> nn.Module:
     assert context.checkpoints is not None
     path = context.checkpoints.folder / CHECKPOINT_FILE
@@ -186,33 +157,6 @@ def _model_from_checkpoint(saved: RunCheckpoint, context: RunContext) -> nn.Modu
                             allow_pickle=context.checkpoints.architecture is None)
     logger.info("Resuming from %s inside steps[%d]", path, saved.step_index)
     return model
-
-
-def prepare_work_dir(model: nn.Module, recipe: Recipe, output_dir: Path, architecture: dict[str, Any] | None,
-                     force: bool, resume: bool) -> tuple[CheckpointTarget | None, RunCheckpoint | None]:
-    """Check the work folder beside ``output_dir``; return where to save checkpoints and the one to resume from.
-
-    Without ``resume``, partial work from an earlier run is rejected, or removed with ``force``.
-    """
-    folder = work_dir(output_dir)
-    saved = None
-    fingerprint = None
-    if resume:
-        saved = load_run_checkpoint(folder, allow_pickle=architecture is None, search_path=search_path(recipe))
-        fingerprint = model_fingerprint(model)
-        check_resumable(saved, recipe, fingerprint, folder)
-    elif folder.exists():
-        if not force:
-            raise InputError(f"partial work of an interrupted run is in {folder}; pass --resume (resume=True from "
-                             "Python) to continue it, or --force (force=True) to discard it")
-        logger.info("Removing the partial work in %s (force)", folder)
-        if folder.is_dir():
-            shutil.rmtree(folder)
-        else:
-            folder.unlink()
-    if not any(isinstance(step, FinetuneStep) for step in recipe.steps):
-        return None, saved
-    return CheckpointTarget(folder, fingerprint or model_fingerprint(model), architecture), saved
 
 
 def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
@@ -228,11 +172,6 @@ def check_output_dir(output_dir: Path, force: bool) -> None:
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not force:
         raise InputError(f"output folder {output_dir} already exists and is not empty; pass --force "
                          "(force=True from Python) to replace it")
-
-
-def replacement_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    forms = tuple(REPLACEMENT_FORMS.values())
-    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, forms)}
 
 
 def _check_outputs_match(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor) -> None:
@@ -292,7 +231,8 @@ def apply(
     if output_dir is not None:
         output_dir = Path(output_dir)
         check_output_dir(output_dir, force)
-        checkpoints, saved = prepare_work_dir(model, recipe, output_dir, architecture, force, resume)
+        checkpoints, saved = prepare_work_dir(model, recipe, output_dir, architecture, force, resume,
+                                              search_path(recipe))
     elif resume:
         raise InputError("resume needs output_dir, the output folder of the interrupted run")
     try:

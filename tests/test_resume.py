@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from examples.digits import DigitsCNN, digits_dataset
-from helpers import OUTPUT_FILES, REPOSITORY, SUBPROCESS_ENV, digits_recipe, restored_loggers, write_yaml
+from helpers import OUTPUT_FILES, SUBPROCESS_ENV, digits_recipe, restored_loggers, write_yaml
 from slimmer.checkpoint import CHECKPOINT_FILE, work_dir
 from slimmer.data import make_loader
 from slimmer.finetune import FinetuneState, finetune
