@@ -242,6 +242,10 @@ def _training_step(model: nn.Module, teacher: nn.Module | None, batch: Any, conf
     logits = model(inputs)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise DataError("fine-tuning needs a classifier whose output is a (N, classes) tensor")
+    class_indices = labels is not None and labels.dim() == 1 and not labels.is_floating_point() and len(labels)
+    if class_indices and not 0 <= int(labels.min()) <= int(labels.max()) < logits.shape[1]:
+        raise DataError(f"data.train has labels from {int(labels.min())} to {int(labels.max())}, but the model "
+                        f"outputs {logits.shape[1]} classes; check the class folders or the model's class count")
 
     if config.distill and teacher is not None:
         with torch.no_grad():

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimmer.checkpoint import CHECKPOINT_FILE, CheckpointTarget, RunCheckpoint, checkpoint_writer, prepare_work_dir
+from slimmer.checkpoint import (CHECKPOINT_FILE, CheckpointTarget, RunCheckpoint, capture_rng_states, checkpoint_writer,
+                                prepare_work_dir, restore_rng_states)
 from slimmer.cost import count_macs, count_params, measure_latency
-from slimmer.data import build_dataset, evaluate_top1, make_loader, sample_inputs
+from slimmer.data import build_dataset, check_label_range, check_sample_shape, evaluate_top1, make_loader, sample_inputs
 from slimmer.decompose import decompose
 from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
@@ -74,16 +75,22 @@ def search_path(recipe: Recipe) -> list[Path]:
 
 
 def load_datasets(recipe: Recipe) -> Datasets:
-    """Build the datasets the recipe names; fine-tuning requires ``data.train``."""
+    """Build the datasets the recipe names; fine-tuning requires ``data.train``.
+
+    The first sample of each must be a tensor of shape ``model.input_shape``. Reading it leaves the
+    global random number generators as they were, so random transforms draw as without the check.
+    """
     folders = search_path(recipe)
     datasets = Datasets()
-    if recipe.data.train is not None:
-        datasets.train = build_dataset(recipe.data.train, recipe.resolve_path, folders, recipe.seed, "data.train")
-    if recipe.data.val is not None:
-        datasets.val = build_dataset(recipe.data.val, recipe.resolve_path, folders, recipe.seed, "data.val")
-    if recipe.data.calibration is not None:
-        datasets.calibration = build_dataset(recipe.data.calibration, recipe.resolve_path, folders, recipe.seed,
-                                             "data.calibration")
+    for name in ("train", "val", "calibration"):
+        config = getattr(recipe.data, name)
+        if config is None:
+            continue
+        dataset = build_dataset(config, recipe.resolve_path, folders, recipe.seed, f"data.{name}")
+        rng_states = capture_rng_states()
+        check_sample_shape(dataset, recipe.model.input_shape, f"data.{name}")
+        restore_rng_states(rng_states)
+        setattr(datasets, name, dataset)
     if any(isinstance(step, FinetuneStep) for step in recipe.steps) and datasets.train is None:
         raise InputError("the recipe has a finetune step but no data.train; add data.train or remove the step")
     if (any(isinstance(step, RefitStep) for step in recipe.steps) and datasets.train is None
@@ -168,10 +175,29 @@ def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
 
 
 def check_output_dir(output_dir: Path, force: bool) -> None:
-    """Reject an existing output folder that is not empty, unless ``force`` is set."""
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not force:
+    """Reject an existing output folder that is not empty, unless ``force`` is set, and a path that is not a folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"output path {output_dir} exists and is not a folder; choose another -o")
+    if output_dir.exists() and any(output_dir.iterdir()) and not force:
         raise InputError(f"output folder {output_dir} already exists and is not empty; pass --force "
                          "(force=True from Python) to replace it")
+
+
+def _check_model_takes(model: nn.Module, example_input: torch.Tensor) -> int | None:
+    """Raise InputError when ``model`` fails on an input of ``model.input_shape``, before any step runs.
+
+    Return the number of classes when the output is ``(N, classes)`` logits, else None.
+    """
+    try:
+        with torch.no_grad():
+            output = model(example_input)
+    except RuntimeError as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"the model fails on an input of shape {list(example_input.shape)} (model.input_shape "
+                         f"with a batch axis): {detail}; set model.input_shape to the shape of one input") from None
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return output.shape[1]
+    return None
 
 
 def _check_outputs_match(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor) -> None:
@@ -255,7 +281,12 @@ def _run(model: nn.Module, recipe: Recipe, output_dir: Path | None, progress: bo
     started = time.perf_counter()
     original = copy.deepcopy(model).eval()
     example_input = torch.randn((1, *recipe.model.input_shape), generator=torch.Generator().manual_seed(recipe.seed))
+    classes = _check_model_takes(original, example_input)
     datasets = load_datasets(recipe)
+    if classes is not None:
+        for name in ("train", "val", "calibration"):
+            if getattr(datasets, name) is not None:
+                check_label_range(getattr(datasets, name), classes, f"data.{name}")
     context = RunContext(recipe, example_input, datasets, progress, checkpoints=checkpoints, resume_from=saved)
     val_loader = make_loader(datasets.val, recipe.data) if datasets.val is not None else None
 

@@ -405,6 +405,8 @@ def recipe_from_dict(raw: Any, base_dir: str | Path = ".", source: str = "recipe
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe file, applying ``key.path=value`` overrides first."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError([f"{path} is a folder, expected a YAML file"], "recipe")
     if not path.is_file():
         raise RecipeError([f"file not found: {path}; check the path"], "recipe")
     try:
