@@ -133,8 +133,21 @@ def finetune(model: nn.Module, config: FinetuneConfig, train_loader: DataLoader,
     bar = _progress_bar(steps, progress, initial=state.step)
     log_every = max(steps // 10, 1)
     model.train()
+    saved_step = state.step if on_checkpoint is not None else None
     with _stop_on_first_interrupt(enabled=on_checkpoint is not None) as stop_requested:
-        for batch in _batches_from(train_loader, state, steps, resuming=resume_from is not None):
+        batches = _batches_from(train_loader, state, steps, resuming=resume_from is not None)
+        while not stop_requested():
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                # A terminal's Ctrl-C also reaches the DataLoader's worker processes, which exit, so the
+                # fetch can fail. The training state is still the one after the last finished step.
+                if stop_requested():
+                    logger.debug("Fetching a batch failed after the interrupt", exc_info=True)
+                    break
+                raise
             loss = _training_step(model, teacher, batch, config, optimizer)
             scheduler.step()
             state.losses.append(loss)
@@ -146,11 +159,14 @@ def finetune(model: nn.Module, config: FinetuneConfig, train_loader: DataLoader,
             if not progress and (state.step % log_every == 0 or state.step == steps):
                 logger.info("Fine-tune step %d/%d: loss %.4f, lr %.2e", state.step, steps, recent_loss,
                             scheduler.get_last_lr()[0])
-            if state.step % config.checkpoint_every == 0 or state.step == steps or stop_requested():
+            if state.step % config.checkpoint_every == 0 or state.step == steps:
                 save_checkpoint()
-            if stop_requested():
-                bar.close()
-                raise FinetuneInterrupted(state.step, steps)
+                saved_step = state.step
+        if stop_requested():
+            if saved_step != state.step:
+                save_checkpoint()
+            bar.close()
+            raise FinetuneInterrupted(state.step, steps)
     bar.close()
     model.eval()
 

@@ -22,6 +22,7 @@ from examples.digits import DigitsCNN, digits_dataset
 from helpers import OUTPUT_FILES, SUBPROCESS_ENV, digits_recipe, restored_loggers, write_yaml
 from slimmer.checkpoint import CHECKPOINT_FILE, work_dir
 from slimmer.data import make_loader
+from slimmer.errors import FinetuneInterrupted
 from slimmer.finetune import FinetuneState, finetune
 from slimmer.recipe import DataConfig, FinetuneConfig
 
@@ -95,6 +96,48 @@ def test_finetune_resume_exact(optimizer: str, resume_step: int) -> None:
 
     assert [state["step"] for _, state in saved] == list(range(FINETUNE_STEPS + 1))
     assert_same_weights(found.state_dict(), expected.state_dict())
+
+
+class FetchFailsAfterInterrupt(NoisyDigits):
+    """Ctrl-C arrives during read number ``interrupt_at``, and then the read fails.
+
+    A terminal's Ctrl-C reaches DataLoader worker processes too. They exit, and the fetch fails.
+    """
+
+    def __init__(self, interrupt_at: int) -> None:
+        super().__init__()
+        self.interrupt_at = interrupt_at
+        self.reads = 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1
+        if self.reads == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+            raise RuntimeError("DataLoader worker exited unexpectedly")
+        return super().__getitem__(index)
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Give SIGINT Python's default handler, which a test process started in the background lacks."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_during_failed_fetch(python_sigint_handler) -> None:
+    config = FinetuneConfig(steps=FINETUNE_STEPS, batch_size=BATCH_SIZE, optimizer="adamw", checkpoint_every=10)
+    loader = make_loader(FetchFailsAfterInterrupt(interrupt_at=12 * BATCH_SIZE + 3), DataConfig(),
+                         batch_size=BATCH_SIZE, shuffle=True, seed=1)
+    saved_steps: list[int] = []
+
+    with pytest.raises(FinetuneInterrupted) as raised:
+        finetune(small_digits_cnn(), config, loader, teacher=small_digits_cnn(), progress=False,
+                 on_checkpoint=lambda model, state: saved_steps.append(state.step))
+
+    assert raised.value.step == 12
+    assert saved_steps == [0, 10, 12]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # Whole runs through the CLI: a crash inside fine-tuning, then --resume.
