@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -365,6 +366,27 @@ def test_api_resume(crashed_run: dict[str, Any], trained_digits: nn.Module, tmp_
     assert not work_dir(output).exists()
 
 
+def test_api_resume_pickled_model(crashed_run: dict[str, Any], trained_digits: nn.Module, tmp_path: Path) -> None:
+    """Without an architecture the checkpoint pickles the model, and resuming loads it back."""
+    import slimmer
+
+    recipe = yaml.safe_load(crashed_run["recipe"].read_text(encoding="utf-8"))
+    marker = tmp_path / "fail.marker"
+    marker.write_text("fail")
+    recipe["data"]["train"]["kwargs"]["marker"] = str(marker)
+    output = tmp_path / "out"
+
+    with pytest.raises(RuntimeError, match="simulated read failure") as raised:
+        slimmer.apply(trained_digits, recipe, output_dir=output, progress=False, architecture=None)
+    marker.unlink()
+    _, report = slimmer.apply(trained_digits, recipe, output_dir=output, progress=False, architecture=None,
+                              resume=True)
+
+    assert raised.value.partial_work == work_dir(output)
+    assert report["resumed_from"] == {"step": "steps[2]", "finetune_step": 30}
+    assert isinstance(slimmer.load_compressed(output / "model.pt", allow_pickle=True), nn.Module)
+
+
 def test_api_resume_needs_output(crashed_run: dict[str, Any], trained_digits: nn.Module) -> None:
     import slimmer
 
@@ -446,3 +468,19 @@ def test_ctrl_c_then_resume(digits_checkpoint: Path, tmp_path: Path, run_cli) ->
     assert not checkpoint.parent.exists()
     assert_same_weights(load_weights(output), load_weights(tmp_path / "baseline"))
     assert (output / "model.onnx").read_bytes() == (tmp_path / "baseline" / "model.onnx").read_bytes()
+
+
+def test_diverged_finetune_names_partial_work(digits_checkpoint: Path, tmp_path: Path, run_cli) -> None:
+    recipe = digits_recipe()
+    recipe["steps"][2] = {"finetune": {"steps": 50, "batch_size": 16, "optimizer": "sgd", "lr": 1.0e+12}}
+    path = write_yaml(tmp_path / "recipe.yaml", recipe)
+    output = tmp_path / "out"
+
+    result = run_cli("apply", path, digits_checkpoint, "-o", output, "--quiet")
+
+    assert result.exit_code == 3
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert result.stderr_lines[0].startswith("slimmer: error: fine-tuning diverged")
+    assert result.stderr_lines[0].endswith(f"; partial work is in {work_dir(output)}; resume with: slimmer apply "
+                                           f"{path} {digits_checkpoint} -o {output} --quiet --resume")
+    assert not output.exists()
