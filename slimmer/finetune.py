@@ -194,9 +194,10 @@ def _set_shuffle_rng_state(loader: DataLoader, rng_state: torch.Tensor) -> None:
 def _load_training_state(state: FinetuneState, steps: int, batches_per_epoch: int,
                          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
     if state.total_steps != steps or state.batches_done > batches_per_epoch:
-        raise InputError(f"cannot resume fine-tuning: the checkpoint was made with {state.total_steps} steps in all "
-                         f"and at least {state.batches_done} batches an epoch, the training data now gives {steps} "
-                         f"steps and {batches_per_epoch} batches; the training data changed since the checkpoint")
+        raise InputError(f"cannot resume fine-tuning: the checkpoint was made for {state.total_steps} steps with at "
+                         f"least {state.batches_done} batches an epoch, but the training data now gives {steps} steps "
+                         f"and {batches_per_epoch} batches an epoch; the training data changed since the checkpoint "
+                         "was saved")
     optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
 
@@ -208,7 +209,7 @@ def _batches_from(loader: DataLoader, state: FinetuneState, steps: int, resuming
     trained on are loaded again and dropped, so that data order and random transforms continue as
     they would have. Then the global random states are set to the checkpoint's.
     """
-    skip = state.batches_done if resuming else 0
+    skip = state.batches_done if resuming and state.step < steps else 0
     if resuming and not skip:
         restore_rng_states(state.rng)
     while state.step < steps:

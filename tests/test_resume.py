@@ -23,7 +23,7 @@ from examples.digits import DigitsCNN, digits_dataset
 from helpers import OUTPUT_FILES, SUBPROCESS_ENV, digits_recipe, restored_loggers, write_yaml
 from slimmer.checkpoint import CHECKPOINT_FILE, work_dir
 from slimmer.data import make_loader
-from slimmer.errors import FinetuneInterrupted
+from slimmer.errors import FinetuneInterrupted, InputError
 from slimmer.finetune import FinetuneState, finetune
 from slimmer.recipe import DataConfig, FinetuneConfig
 
@@ -65,7 +65,10 @@ def small_digits_cnn() -> nn.Module:
 
 def run_finetune(model: nn.Module, teacher: nn.Module, config: FinetuneConfig,
                  resume_from: FinetuneState | None = None) -> tuple[nn.Module, list[tuple[dict, dict]]]:
-    """Fine-tune ``model``; return it and a copy of the weights and state at every checkpoint."""
+    """Fine-tune ``model``; return it and a copy of the weights and state at every checkpoint.
+
+    The last item of the list is the final weights with torch's global random state after the run.
+    """
     torch.manual_seed(5)
     loader = make_loader(NoisyDigits(), DataConfig(), batch_size=config.batch_size, shuffle=True, seed=1)
     saved: list[tuple[dict, dict]] = []
@@ -75,6 +78,7 @@ def run_finetune(model: nn.Module, teacher: nn.Module, config: FinetuneConfig,
 
     result = finetune(model, config, loader, teacher=teacher, progress=False, resume_from=resume_from,
                       on_checkpoint=keep)
+    saved.append((copy.deepcopy(result.model.state_dict()), {"rng_after_run": torch.get_rng_state()}))
     return result.model, saved
 
 
@@ -83,20 +87,41 @@ def run_finetune(model: nn.Module, teacher: nn.Module, config: FinetuneConfig,
     pytest.param("adamw", 8, id="adamw-epoch-end"),
     pytest.param("adamw", 13, id="adamw-mid-epoch"),
     pytest.param("sgd", 13, id="sgd-mid-epoch"),
+    pytest.param("adamw", FINETUNE_STEPS, id="adamw-last-step"),
 ])
 def test_finetune_resume_exact(optimizer: str, resume_step: int) -> None:
     config = FinetuneConfig(steps=FINETUNE_STEPS, batch_size=BATCH_SIZE, optimizer=optimizer, lr=0.01,
                             checkpoint_every=1)
     teacher = small_digits_cnn().eval()
     expected, saved = run_finetune(small_digits_cnn(), teacher, config)
-    weights, state = next((weights, state) for weights, state in saved if state["step"] == resume_step)
+    weights, state = next((weights, state) for weights, state in saved if state.get("step") == resume_step)
 
     model = small_digits_cnn()
     model.load_state_dict(weights)
-    found, _ = run_finetune(model, teacher, config, resume_from=FinetuneState.from_dict(state))
+    found, saved_again = run_finetune(model, teacher, config, resume_from=FinetuneState.from_dict(state))
 
-    assert [state["step"] for _, state in saved] == list(range(FINETUNE_STEPS + 1))
+    assert [state["step"] for _, state in saved[:-1]] == list(range(FINETUNE_STEPS + 1))
     assert_same_weights(found.state_dict(), expected.state_dict())
+    assert torch.equal(saved_again[-1][1]["rng_after_run"], saved[-1][1]["rng_after_run"])
+
+
+class FewerDigits(NoisyDigits):
+    def __len__(self) -> int:
+        return 128
+
+
+def test_resume_rejects_changed_data() -> None:
+    config = FinetuneConfig(epochs=2, batch_size=BATCH_SIZE, optimizer="adamw", checkpoint_every=1)
+    teacher = small_digits_cnn().eval()
+    _, saved = run_finetune(small_digits_cnn(), teacher, config)
+    loader = make_loader(FewerDigits(), DataConfig(), batch_size=BATCH_SIZE, shuffle=True, seed=1)
+
+    with pytest.raises(InputError) as raised:
+        finetune(small_digits_cnn(), config, loader, teacher=teacher, progress=False,
+                 resume_from=FinetuneState.from_dict(saved[5][1]))
+    assert str(raised.value) == ("cannot resume fine-tuning: the checkpoint was made for 16 steps with at least 5 "
+                                 "batches an epoch, but the training data now gives 8 steps and 4 batches an epoch; "
+                                 "the training data changed since the checkpoint was saved")
 
 
 class FetchFailsAfterInterrupt(NoisyDigits):
