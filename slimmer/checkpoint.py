@@ -4,8 +4,8 @@ While a finetune step runs with an output folder ``out``, the run keeps one chec
 work folder ``out.partial/checkpoint.pt``, replaced atomically each time. It contains the
 compressed model (structure as :func:`slimmer.model_io.compressed_payload` records it, and
 weights), the fine-tuning state (optimizer, learning-rate schedule, step, data order, random
-number generator states), the records of the steps before, and two fingerprints. One fingerprint
-covers the recipe settings that produced the state and the other the input model's weights. A
+number generator states) and the records of the steps before. It also contains the recipe
+settings that produced the state and a SHA-256 fingerprint of the input model's weights, and a
 resumed run must match both.
 """
 
