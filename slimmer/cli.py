@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 bad input (recipe, model file, data), 3 a check failed (ONNX parity,
 a broken compressed model, a diverged fine-tune), 1 internal error, 130 interrupted. Errors go
-to stderr as one line; the result table goes to stdout.
+to stderr as one line; the result table goes to stdout. When a run that saved a fine-tuning
+checkpoint stops early, that line also names the work folder and the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
+import traceback
 from pathlib import Path
 
-from slimmer.errors import InputError, SlimmerError
+from slimmer.errors import FinetuneInterrupted, InputError, SlimmerError
 
 logger = logging.getLogger("slimmer")
 
@@ -26,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("recipe", type=Path, help="recipe YAML file")
     apply.add_argument("model", type=Path, help="model file: a checkpoint or state_dict written by torch.save")
     apply.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default: out)")
-    apply.add_argument("--force", action="store_true", help="replace an existing output folder")
+    apply.add_argument("--force", action="store_true",
+                       help="replace an existing output folder and discard the partial work of an interrupted run")
+    apply.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from the checkpoint in the work folder <output>.partial")
     apply.add_argument("--allow-pickle", action="store_true",
                        help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
     apply.add_argument("--quiet", action="store_true", help="print only errors")
@@ -78,6 +84,7 @@ def _run_validate(arguments: argparse.Namespace) -> int:
 
 
 def _run_apply(arguments: argparse.Namespace) -> int:
+    from slimmer.checkpoint import work_dir
     from slimmer.model_io import load_model_and_source
     from slimmer.pipeline import apply, check_output_dir, search_path
     from slimmer.recipe import load_recipe
@@ -86,8 +93,10 @@ def _run_apply(arguments: argparse.Namespace) -> int:
     recipe = load_recipe(arguments.recipe, arguments.overrides)
     output = arguments.output
     check_output_dir(output, arguments.force)
-    if output.resolve() == arguments.model.resolve() or arguments.model.resolve().is_relative_to(output.resolve()):
-        raise InputError(f"output folder {output} contains the input model {arguments.model}; choose another -o")
+    model_path = arguments.model.resolve()
+    for folder, label in ((output, "output folder"), (work_dir(output), "work folder")):
+        if model_path == folder.resolve() or model_path.is_relative_to(folder.resolve()):
+            raise InputError(f"{label} {folder} contains the input model {arguments.model}; choose another -o")
 
     model_config = recipe.model
     model, architecture = load_model_and_source(
@@ -95,7 +104,7 @@ def _run_apply(arguments: argparse.Namespace) -> int:
         model_config.strip_prefix, arguments.allow_pickle or model_config.allow_pickle, search_path(recipe))
 
     _, report = apply(model, recipe, output_dir=output, progress=not arguments.quiet and sys.stderr.isatty(),
-                      architecture=architecture, force=arguments.force)
+                      architecture=architecture, force=arguments.force, resume=arguments.resume)
     if arguments.json:
         print(json.dumps(report, indent=2, default=str))
     elif not arguments.quiet:
@@ -104,7 +113,17 @@ def _run_apply(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _partial_work_note(error: BaseException, argv: list[str]) -> str:
+    """Say where the partial work of a stopped run is and how to resume it; empty when there is none."""
+    folder = getattr(error, "partial_work", None)
+    if folder is None:
+        return ""
+    command = argv if "--resume" in argv else [*argv, "--resume"]
+    return f"; partial work is in {folder}; resume with: slimmer {shlex.join(command)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     arguments = _parse(argv)
     _configure_logging(getattr(arguments, "quiet", False), getattr(arguments, "verbose", False))
     try:
@@ -112,11 +131,21 @@ def main(argv: list[str] | None = None) -> int:
             return _run_validate(arguments)
         return _run_apply(arguments)
     except SlimmerError as error:
-        print(f"slimmer: error: {error}", file=sys.stderr)
+        print(f"slimmer: error: {error}{_partial_work_note(error, argv)}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("slimmer: interrupted; no output was written", file=sys.stderr)
+    except FinetuneInterrupted as interrupt:
+        print(f"slimmer: {interrupt}; no output was written{_partial_work_note(interrupt, argv)}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"slimmer: interrupted; no output was written{_partial_work_note(interrupt, argv)}", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if getattr(error, "partial_work", None) is None:
+            raise
+        traceback.print_exc()
+        print(f"slimmer: internal error: {type(error).__name__}: {error}{_partial_work_note(error, argv)}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,6 +42,19 @@ def build_transform(spec: list[str | dict[str, Any]]):
     return transforms.Compose(steps)
 
 
+def load_image(path: str) -> Any:
+    """Open an image as torchvision's ImageFolder does; raise DataError naming a file that cannot be read."""
+    from PIL import UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: unknown or corrupt image format; replace or remove the file") from None
+    except OSError as error:
+        raise DataError(f"cannot read image {path}: {error}; replace or remove the file") from None
+
+
 def _limit(dataset: Dataset, limit: int, seed: int) -> Dataset:
     """Keep ``limit`` samples spread evenly over the classes when the targets are known."""
     if limit >= len(dataset):
@@ -71,7 +84,7 @@ def build_dataset(config: DatasetConfig, resolve, search_path: list[Path], seed:
         if not root.is_dir():
             raise DataError(f"{label}.image_folder not found: {root}; check the path (relative paths start at the recipe's folder)")
         try:
-            dataset: Dataset = ImageFolder(str(root), transform=build_transform(config.transform))
+            dataset: Dataset = ImageFolder(str(root), transform=build_transform(config.transform), loader=load_image)
         except (FileNotFoundError, RuntimeError) as error:
             raise DataError(f"{label}.image_folder {root} is not an ImageFolder (one sub-folder per class): {error}") from None
     else:
@@ -98,6 +111,30 @@ def make_loader(dataset: Dataset, data: DataConfig, batch_size: int | None = Non
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size or data.batch_size, shuffle=shuffle,
                       num_workers=data.num_workers, generator=generator, drop_last=False)
+
+
+def check_sample_shape(dataset: Dataset, input_shape: list[int], label: str) -> None:
+    """Raise DataError unless the first sample's input is a tensor of shape ``input_shape``."""
+    inputs, _ = split_batch(dataset[0])
+    if not isinstance(inputs, torch.Tensor):
+        raise DataError(f"{label} gives inputs of type {type(inputs).__name__}, expected tensors; "
+                        "add to_tensor to its transform")
+    if list(inputs.shape) != list(input_shape):
+        raise DataError(f"{label} gives inputs of shape {list(inputs.shape)}, but model.input_shape is "
+                        f"{list(input_shape)}; change the transform (for example grayscale or resize) or model.input_shape")
+
+
+def check_label_range(dataset: Dataset, classes: int, label: str) -> None:
+    """Raise DataError when the dataset's ``targets`` (as ImageFolder lists them) reach past the model's classes.
+
+    A dataset without a ``targets`` list is not checked here; fine-tuning checks each batch.
+    """
+    targets = getattr(dataset, "targets", None)
+    if not targets or not all(isinstance(target, int) for target in targets):
+        return
+    if min(targets) < 0 or max(targets) >= classes:
+        raise DataError(f"{label} has labels from {min(targets)} to {max(targets)}, but the model outputs {classes} "
+                        "classes; check the class folders or the model's class count")
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

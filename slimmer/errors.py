@@ -38,3 +38,15 @@ class CheckFailedError(SlimmerError):
     """A verification that failed: ONNX parity outside tolerance, a broken compressed model. Exit code 3."""
 
     exit_code = 3
+
+
+class FinetuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C during fine-tuning, raised after the checkpoint of the last finished step was saved.
+
+    It is a ``KeyboardInterrupt``, so code that stops on Ctrl-C still stops.
+    """
+
+    def __init__(self, step: int, total_steps: int):
+        super().__init__(f"interrupted after fine-tune step {step} of {total_steps}")
+        self.step = step
+        self.total_steps = total_steps

@@ -2,7 +2,8 @@
 
 ``model.pt`` may be a checkpoint dict, a bare state_dict, or (only when the user opts in) a whole
 pickled ``nn.Module``. Checkpoints are read with ``torch.load(weights_only=True)``, which cannot
-run code from the file. The input file is only ever opened for reading.
+run code from the file. A path ending in ``.safetensors`` is read as a flat state_dict with the
+optional ``safetensors`` package. The input file is only ever opened for reading.
 """
 
 from __future__ import annotations
@@ -74,10 +75,18 @@ def _check_file(path: Path) -> None:
         raise ModelLoadError(f"model file is empty: {path}")
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Check for a safetensors header: a little-endian 64-bit length, then that many bytes of JSON."""
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + header_length <= size
+
+
 def _sniff_format(path: Path) -> str:
-    """Return 'zip', 'torchscript', 'legacy' (pickle-based torch.save) or 'unknown'."""
+    """Return 'zip', 'torchscript', 'legacy' (pickle-based torch.save), 'safetensors' or 'unknown'."""
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -95,7 +104,23 @@ def _sniff_format(path: Path) -> str:
         # A zip local-file header without a readable central directory: a truncated archive,
         # which torch.load then reports as corrupt or truncated.
         return "zip"
+    if _looks_like_safetensors(head, path.stat().st_size):
+        return "safetensors"
     return "unknown"
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ModelLoadError(f"reading {path} needs the safetensors package: pip install safetensors "
+                             "(or pip install 'slimmer[safetensors]')") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise ModelLoadError(f"cannot read {path}: not a valid safetensors file ({detail})") from None
 
 
 def _torch_load(path: Path, weights_only: bool) -> Any:
@@ -115,11 +140,18 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False, search_path: l
     """
     path = Path(path)
     _check_file(path)
+    if is_safetensors_path(path):
+        return _read_safetensors(path)
     kind = _sniff_format(path)
     if kind == "torchscript":
         raise ModelLoadError(
             f"{path} is a TorchScript archive; slimmer rewrites nn.Module code, so save the eager model's "
             "state_dict (torch.save(model.state_dict(), path)) and name its class in model.architecture"
+        )
+    if kind == "safetensors":
+        raise ModelLoadError(
+            f"{path} looks like a safetensors file; rename it to end in .safetensors so that slimmer reads it "
+            "with the safetensors package"
         )
     if kind == "unknown":
         raise ModelLoadError(
@@ -147,7 +179,16 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False, search_path: l
                 sys.path.remove(folder)
 
 
+def is_safetensors_path(path: Path) -> bool:
+    return path.suffix.lower() == ".safetensors"
+
+
 def _find_state_dict(checkpoint: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
+    if is_safetensors_path(path) and key not in ("auto", None):
+        raise ModelLoadError(
+            f"{path} is a safetensors file, which contains one flat state_dict without keys like {key!r}; "
+            "set model.state_dict_key to auto or null"
+        )
     if not isinstance(checkpoint, Mapping):
         raise ModelLoadError(f"{path} contains a {type(checkpoint).__name__}, expected a state_dict or a checkpoint dict")
     if key == "auto":
@@ -280,6 +321,12 @@ def _resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
         set_module(model, name, new)
 
 
+def replacement_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Return the ``spec()`` of every replacement module in ``model``, by qualified name, as save_compressed takes them."""
+    forms = tuple(REPLACEMENT_FORMS.values())
+    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, forms)}
+
+
 def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None,
                     replacements: dict[str, dict[str, Any]]) -> None:
     """Write the compressed model: its state_dict plus what is needed to rebuild its structure.
@@ -288,6 +335,14 @@ def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, 
     ``weights_only=True`` through :func:`load_compressed`. Without it (the input was a pickled module)
     the whole module is pickled, and loading it needs the same opt-in as the input did.
     """
+    buffer = io.BytesIO()
+    torch.save(compressed_payload(model, architecture, replacements), buffer)
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def compressed_payload(model: nn.Module, architecture: dict[str, Any] | None,
+                       replacements: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Return what :func:`save_compressed` writes; :func:`load_compressed` takes it as ``checkpoint``."""
     payload: dict[str, Any] = {
         "format": COMPRESSED_FORMAT,
         "architecture": architecture,
@@ -296,9 +351,7 @@ def save_compressed(model: nn.Module, path: str | Path, architecture: dict[str, 
     }
     if architecture is None:
         payload["model"] = model
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    Path(path).write_bytes(buffer.getvalue())
+    return payload
 
 
 def load_compressed(path: str | Path, search_path: list[Path] | None = None,

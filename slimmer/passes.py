@@ -47,3 +47,14 @@ class PassResult:
             "skipped": [vars(skip) for skip in self.skipped],
             "stats": self.stats,
         }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], model: nn.Module) -> PassResult:
+        """Rebuild a result from :meth:`to_dict`'s record, around ``model``."""
+        return cls(
+            record["pass"],
+            model,
+            [LayerChange(**change) for change in record["changed"]],
+            [LayerSkip(**skip) for skip in record["skipped"]],
+            dict(record["stats"]),
+        )

@@ -20,15 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimmer.checkpoint import (CHECKPOINT_FILE, CheckpointTarget, RunCheckpoint, capture_rng_states, checkpoint_writer,
+                                prepare_work_dir, restore_rng_states)
 from slimmer.cost import count_macs, count_params, measure_latency
-from slimmer.data import build_dataset, evaluate_top1, make_loader, sample_inputs
+from slimmer.data import build_dataset, check_label_range, check_sample_shape, evaluate_top1, make_loader, sample_inputs
 from slimmer.decompose import decompose
 from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
 from slimmer.export import check_parity, export_onnx
-from slimmer.finetune import finetune
-from slimmer.layers import REPLACEMENT_FORMS
-from slimmer.model_io import save_compressed
+from slimmer.finetune import FinetuneState, finetune
+from slimmer.model_io import load_compressed, replacement_specs, save_compressed
 from slimmer.passes import PassResult
 from slimmer.prune import prune
 from slimmer.recipe import DecomposeStep, FinetuneStep, PruneStep, Recipe, RefitStep, load_recipe, recipe_from_dict
@@ -51,6 +52,8 @@ class RunContext:
     datasets: Datasets
     progress: bool = True
     timings_s: dict[str, float] = field(default_factory=dict)
+    checkpoints: CheckpointTarget | None = None  # None: no checkpoints (no output folder)
+    resume_from: RunCheckpoint | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -72,16 +75,22 @@ def search_path(recipe: Recipe) -> list[Path]:
 
 
 def load_datasets(recipe: Recipe) -> Datasets:
-    """Build the datasets the recipe names; fine-tuning requires ``data.train``."""
+    """Build the datasets the recipe names; fine-tuning requires ``data.train``.
+
+    The first sample of each must be a tensor of shape ``model.input_shape``. Reading it leaves the
+    global random number generators as they were, so random transforms draw as without the check.
+    """
     folders = search_path(recipe)
     datasets = Datasets()
-    if recipe.data.train is not None:
-        datasets.train = build_dataset(recipe.data.train, recipe.resolve_path, folders, recipe.seed, "data.train")
-    if recipe.data.val is not None:
-        datasets.val = build_dataset(recipe.data.val, recipe.resolve_path, folders, recipe.seed, "data.val")
-    if recipe.data.calibration is not None:
-        datasets.calibration = build_dataset(recipe.data.calibration, recipe.resolve_path, folders, recipe.seed,
-                                             "data.calibration")
+    for name in ("train", "val", "calibration"):
+        config = getattr(recipe.data, name)
+        if config is None:
+            continue
+        dataset = build_dataset(config, recipe.resolve_path, folders, recipe.seed, f"data.{name}")
+        rng_states = capture_rng_states()
+        check_sample_shape(dataset, recipe.model.input_shape, f"data.{name}")
+        restore_rng_states(rng_states)
+        setattr(datasets, name, dataset)
     if any(isinstance(step, FinetuneStep) for step in recipe.steps) and datasets.train is None:
         raise InputError("the recipe has a finetune step but no data.train; add data.train or remove the step")
     if (any(isinstance(step, RefitStep) for step in recipe.steps) and datasets.train is None
@@ -100,10 +109,22 @@ def calibration_images(context: RunContext, count: int) -> torch.Tensor | None:
 
 
 def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tuple[nn.Module, list[PassResult]]:
-    """Run the recipe's steps in order on a copy of ``model``; ``teacher`` is the original for distillation."""
+    """Run the recipe's steps in order on a copy of ``model``; ``teacher`` is the original for distillation.
+
+    With ``context.resume_from``, the model and the records of the steps before the checkpoint come
+    from the checkpoint, and the run continues inside the finetune step that saved it.
+    """
     results: list[PassResult] = []
-    model = copy.deepcopy(model)
-    for index, step in enumerate(context.recipe.steps):
+    first_step = 0
+    saved = context.resume_from
+    if saved is not None:
+        model = _model_from_checkpoint(saved, context)
+        results = [PassResult.from_dict(record, model) for record in saved.passes]
+        first_step = saved.step_index
+        context.timings_s.update(saved.timings_s)
+    else:
+        model = copy.deepcopy(model)
+    for index, step in enumerate(context.recipe.steps[first_step:], first_step):
         started = time.perf_counter()
         if isinstance(step, DecomposeStep):
             images = None
@@ -119,8 +140,13 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
             config = step.finetune
             loader = make_loader(context.datasets.train, context.recipe.data, batch_size=config.batch_size,
                                  shuffle=True, seed=context.recipe.seed + index)
+            resume_state = FinetuneState.from_dict(saved.finetune) if saved is not None and index == first_step else None
+            on_checkpoint = None
+            if context.checkpoints is not None:
+                on_checkpoint = checkpoint_writer(context.checkpoints, context.recipe, index,
+                                                  [result.to_dict() for result in results], context.timings_s)
             result = finetune(model, config, loader, teacher if config.distill else None, inplace=True,
-                              progress=context.progress)
+                              progress=context.progress, resume_from=resume_state, on_checkpoint=on_checkpoint)
         else:
             raise TypeError(f"unknown step type {type(step).__name__}")
         model = result.model
@@ -129,6 +155,15 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
         logger.info("Step %d (%s): %d layers changed, %d skipped", index, result.pass_name,
                     len(result.changed), len(result.skipped))
     return model.eval(), results
+
+
+def _model_from_checkpoint(saved: RunCheckpoint, context: RunContext) -> nn.Module:
+    assert context.checkpoints is not None
+    path = context.checkpoints.folder / CHECKPOINT_FILE
+    model = load_compressed(path, search_path(context.recipe), checkpoint=saved.compressed,
+                            allow_pickle=context.checkpoints.architecture is None)
+    logger.info("Resuming from %s inside steps[%d]", path, saved.step_index)
+    return model
 
 
 def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
@@ -140,15 +175,29 @@ def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
 
 
 def check_output_dir(output_dir: Path, force: bool) -> None:
-    """Reject an existing output folder that is not empty, unless ``force`` is set."""
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not force:
+    """Reject an existing output folder that is not empty, unless ``force`` is set, and a path that is not a folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"output path {output_dir} exists and is not a folder; choose another -o")
+    if output_dir.exists() and any(output_dir.iterdir()) and not force:
         raise InputError(f"output folder {output_dir} already exists and is not empty; pass --force "
                          "(force=True from Python) to replace it")
 
 
-def replacement_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    forms = tuple(REPLACEMENT_FORMS.values())
-    return {name: module.spec() for name, module in model.named_modules() if isinstance(module, forms)}
+def _check_model_takes(model: nn.Module, example_input: torch.Tensor) -> int | None:
+    """Raise InputError when ``model`` fails on an input of ``model.input_shape``, before any step runs.
+
+    Return the number of classes when the output is ``(N, classes)`` logits, else None.
+    """
+    try:
+        with torch.no_grad():
+            output = model(example_input)
+    except RuntimeError as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"the model fails on an input of shape {list(example_input.shape)} (model.input_shape "
+                         f"with a batch axis): {detail}; set model.input_shape to the shape of one input") from None
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return output.shape[1]
+    return None
 
 
 def _check_outputs_match(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor) -> None:
@@ -183,6 +232,7 @@ def apply(
     progress: bool | None = None,
     architecture: dict[str, Any] | None | Literal["recipe"] = "recipe",
     force: bool = False,
+    resume: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``recipe``; return the compressed model and the report.
 
@@ -193,20 +243,51 @@ def apply(
     terminal. ``architecture`` sets how model.pt rebuilds the model's class: ``"recipe"`` takes
     ``model.architecture`` from the recipe when it names one, a dict gives it directly
     (``{"architecture", "kwargs", "python_path"}``), and None saves the whole module pickled.
+
+    With ``output_dir``, finetune steps save checkpoints to the work folder ``<output_dir>.partial``
+    (see :mod:`slimmer.checkpoint`), which is removed after success. ``resume`` continues from its
+    checkpoint, for the same ``model`` and recipe settings. Without ``resume``, an existing work
+    folder is rejected, or discarded with ``force``. An exception raised after a checkpoint was
+    saved has the attribute ``partial_work``, the work folder.
     """
     recipe = as_recipe(recipe)
     if architecture == "recipe":
         architecture = recipe_architecture(recipe)
+    checkpoints = saved = None
     if output_dir is not None:
-        check_output_dir(Path(output_dir), force)
+        output_dir = Path(output_dir)
+        check_output_dir(output_dir, force)
+        checkpoints, saved = prepare_work_dir(model, recipe, output_dir, architecture, force, resume,
+                                              search_path(recipe))
+    elif resume:
+        raise InputError("resume needs output_dir, the output folder of the interrupted run")
+    try:
+        compressed, report = _run(model, recipe, output_dir, progress, architecture, checkpoints, saved)
+    except BaseException as error:
+        if checkpoints is not None and (checkpoints.folder / CHECKPOINT_FILE).is_file():
+            error.partial_work = checkpoints.folder  # type: ignore[attr-defined]
+        raise
+    if checkpoints is not None and checkpoints.folder.exists():
+        shutil.rmtree(checkpoints.folder, ignore_errors=True)
+    return compressed, report
+
+
+def _run(model: nn.Module, recipe: Recipe, output_dir: Path | None, progress: bool | None,
+         architecture: dict[str, Any] | None, checkpoints: CheckpointTarget | None,
+         saved: RunCheckpoint | None) -> tuple[nn.Module, dict[str, Any]]:
     if progress is None:
         progress = sys.stderr.isatty()
     seed_everything(recipe.seed)
     started = time.perf_counter()
     original = copy.deepcopy(model).eval()
     example_input = torch.randn((1, *recipe.model.input_shape), generator=torch.Generator().manual_seed(recipe.seed))
+    classes = _check_model_takes(original, example_input)
     datasets = load_datasets(recipe)
-    context = RunContext(recipe, example_input, datasets, progress)
+    if classes is not None:
+        for name in ("train", "val", "calibration"):
+            if getattr(datasets, name) is not None:
+                check_label_range(getattr(datasets, name), classes, f"data.{name}")
+    context = RunContext(recipe, example_input, datasets, progress, checkpoints=checkpoints, resume_from=saved)
     val_loader = make_loader(datasets.val, recipe.data) if datasets.val is not None else None
 
     original_summary, original_macs = _model_summary(original, example_input, val_loader)
@@ -229,6 +310,8 @@ def apply(
         **({"sensitivity": [row for rows in sensitivity for row in rows]} if sensitivity else {}),
         "environment": environment(),
         "recipe_resolved": recipe.model_dump(mode="json"),
+        "resumed_from": None if saved is None else {"step": f"steps[{saved.step_index}]",
+                                                     "finetune_step": saved.finetune["step"]},
     }
     parity_data = datasets.val if datasets.val is not None else datasets.train
     parity_inputs = sample_inputs(parity_data, recipe.export.parity.samples, recipe.model.input_shape, recipe.seed)

@@ -172,6 +172,8 @@ class FinetuneConfig(_Strict):
     )
     batch_size: Annotated[int, Field(gt=0)] = 128
     threads: Annotated[int, Field(ge=0)] = Field(0, description="torch threads during training; 0 keeps torch's default")
+    checkpoint_every: Annotated[int, Field(gt=0)] = Field(
+        500, description="optimizer steps between checkpoints in the work folder (with an output folder only)")
 
     @model_validator(mode="after")
     def _budget_given(self) -> FinetuneConfig:
@@ -440,6 +442,8 @@ def recipe_from_dict(raw: Any, base_dir: str | Path = ".", source: str = "recipe
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe file, applying ``key.path=value`` overrides first."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError([f"{path} is a folder, expected a YAML file"], "recipe")
     if not path.is_file():
         raise RecipeError([f"file not found: {path}; check the path"], "recipe")
     try:

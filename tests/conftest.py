@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import REPOSITORY, RESNET20_ARCHITECTURE, RESNET20_CHECKPOINT, CliResult, require_shared
+from helpers import (REPOSITORY, RESNET20_ARCHITECTURE, RESNET20_CHECKPOINT, CliResult, require_shared,
+                     restored_loggers)
 
 # The suite is sized for two CPU cores shared with other jobs. With two OpenMP threads while another
 # job used the cores, decomposing ResNet-20 took 13 s instead of 0.14 s: the small SVDs spin-wait.
@@ -66,18 +66,12 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
     """Call ``slimmer.cli.main`` in this process; returns a function giving exit code, stdout and stderr."""
     from slimmer.cli import main
 
-    loggers = [logging.getLogger(name) for name in
-               ("slimmer", "slimmer.decompose", "slimmer.prune", "slimmer.cost", "slimmer.export")]
-    saved = [(logger, logger.handlers[:], logger.level) for logger in loggers]
-
     def run(*arguments: str | Path) -> CliResult:
         capsys.readouterr()
         exit_code = main([str(argument) for argument in arguments])
         captured = capsys.readouterr()
         return CliResult(exit_code, captured.out, captured.err)
 
-    yield run
     # main() points the slimmer logger at the captured stderr, which closes after this test.
-    for logger, handlers, level in saved:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
+    with restored_loggers():
+        yield run

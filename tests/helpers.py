@@ -5,12 +5,14 @@ The real data lives in ``shared/`` beside the repository (``<repo>/../shared``),
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import yaml
@@ -72,3 +74,17 @@ def run_cli_process(*arguments: str | Path, cwd: Path, timeout_s: float = 300) -
     """Run ``python -m slimmer.cli`` as a separate process, as a shell user would."""
     command = [sys.executable, "-m", "slimmer.cli", *map(str, arguments)]
     return subprocess.run(command, cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def restored_loggers() -> Iterator[None]:
+    """Put back the handlers and levels of slimmer's loggers, which ``slimmer.cli.main`` sets, on exit."""
+    loggers = [logging.getLogger(name) for name in
+               ("slimmer", "slimmer.decompose", "slimmer.prune", "slimmer.cost", "slimmer.export")]
+    saved = [(logger, logger.handlers[:], logger.level) for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, handlers, level in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)

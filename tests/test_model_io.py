@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -283,3 +284,99 @@ def test_api_output_loads_without_pickle(trained_digits: nn.Module, tmp_path: Pa
     loaded = slimmer.load_compressed(tmp_path / "out" / "model.pt")
     with torch.no_grad():
         assert torch.equal(loaded(digits_inputs()), compressed(digits_inputs()))
+
+
+# safetensors files: a flat state_dict read with the optional safetensors package.
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({key: value.contiguous() for key, value in state_dict.items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def resnet20_safetensors(tmp_path: Path) -> Path:
+    """The trained ResNet-20 checkpoint converted to safetensors, keys with their ``module.`` prefix."""
+    checkpoint = torch.load(RESNET20_CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
+    return save_safetensors(checkpoint, tmp_path / "resnet20.safetensors")
+
+
+def test_load_safetensors_resnet20(resnet20_safetensors: Path, loaded_resnet20: nn.Module) -> None:
+    model = slimmer.load_model(resnet20_safetensors, RESNET20_ARCHITECTURE, search_path=[REPOSITORY])
+    expected = loaded_resnet20.state_dict()
+
+    assert model.state_dict().keys() == expected.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert not model.training
+
+
+def test_load_safetensors_upper_case_suffix(tmp_path: Path, resnet20: nn.Module) -> None:
+    path = save_safetensors(resnet20.state_dict(), tmp_path / "resnet20.SAFETENSORS")
+    model = slimmer.load_model(path, RESNET20_ARCHITECTURE, search_path=[REPOSITORY])
+
+    assert torch.equal(model.linear.weight, resnet20.linear.weight)
+
+
+def test_cli_applies_safetensors(tmp_path: Path, trained_digits: nn.Module, run_cli) -> None:
+    path = save_safetensors(trained_digits.state_dict(), tmp_path / "digits.safetensors")
+    recipe = write_yaml(tmp_path / "recipe.yaml", digits_recipe(steps=[{"decompose": {"rank": {"ratio": 0.5}}}]))
+    original_bytes = path.read_bytes()
+
+    result = run_cli("apply", recipe, path, "-o", tmp_path / "out", "--quiet", "model.state_dict_key=auto")
+    compressed = slimmer.load_compressed(tmp_path / "out" / "model.pt")
+
+    assert result.exit_code == 0, result.stderr
+    assert isinstance(compressed, nn.Module)
+    assert path.read_bytes() == original_bytes
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    pytest.param(b"not a safetensors file at all", "not a valid safetensors file", id="text"),
+    pytest.param(b"\x10\x00\x00\x00\x00\x00\x00\x00{", "not a valid safetensors file", id="short_header"),
+    pytest.param(b"\x04\x00\x00\x00\x00\x00\x00\x00{ab}", "not a valid safetensors file", id="broken_json"),
+    pytest.param(b"", "model file is empty", id="empty"),
+])
+def test_load_safetensors_corrupt(tmp_path: Path, content: bytes, fragment: str) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+
+    with pytest.raises(ModelLoadError) as raised:
+        slimmer.load_model(path, RESNET20_ARCHITECTURE, search_path=[REPOSITORY])
+    assert fragment in str(raised.value)
+
+
+def test_load_safetensors_truncated(resnet20_safetensors: Path) -> None:
+    data = resnet20_safetensors.read_bytes()
+    resnet20_safetensors.write_bytes(data[: len(data) - 100])
+
+    with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
+        slimmer.load_model(resnet20_safetensors, RESNET20_ARCHITECTURE, search_path=[REPOSITORY])
+
+
+def test_safetensors_rejects_state_dict_key(resnet20_safetensors: Path) -> None:
+    with pytest.raises(ModelLoadError) as raised:
+        slimmer.load_model(resnet20_safetensors, RESNET20_ARCHITECTURE, state_dict_key="state_dict",
+                           search_path=[REPOSITORY])
+
+    assert "is a safetensors file, which contains one flat state_dict" in str(raised.value)
+    assert "set model.state_dict_key to auto or null" in str(raised.value)
+
+
+def test_safetensors_package_missing(resnet20_safetensors: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import raise ImportError, as on a machine without the package.
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+
+    with pytest.raises(ModelLoadError) as raised:
+        slimmer.load_model(resnet20_safetensors, RESNET20_ARCHITECTURE, search_path=[REPOSITORY])
+    assert "needs the safetensors package: pip install safetensors" in str(raised.value)
+
+
+def test_safetensors_content_in_pt_file(resnet20_safetensors: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "resnet20.pt"
+    renamed.write_bytes(resnet20_safetensors.read_bytes())
+
+    with pytest.raises(ModelLoadError, match="looks like a safetensors file; rename it to end in .safetensors"):
+        slimmer.load_model(renamed, RESNET20_ARCHITECTURE, search_path=[REPOSITORY])
