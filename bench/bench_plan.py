@@ -5,12 +5,15 @@
 Variants, all with every 3x3 convolution of the residual stages as Tucker-2 bottlenecks whose
 ranks are multiples of 8:
 
-- planned: ranks from the budget planner for 0.5 of the original MACs;
+- planned: ranks from the budget planner for 0.5 of the original MACs, as the recipe
+  recipes/resnet56-target-macs.yaml plans them (layer errors weighed by their effect on the
+  model output);
+- planned on layer errors alone (``weigh_by_output: false``);
 - uniform: one rank ratio for every layer, chosen so the MACs come closest to the planned ones.
 
-Each variant is measured with data-aware initialization alone, after the refit pass, and (uniform
-only) with the data-free initialization of HOSVD on the weights. bench/bench_resnet.py reads the
-JSON into docs/results.md.
+Each variant is measured with data-aware initialization alone and after the recipe's refit step;
+the uniform ratio also with the data-free initialization of HOSVD on the weights.
+bench/bench_resnet.py reads the JSON into docs/results.md.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from slimmer.decompose.tucker import bottleneck_from_conv  # noqa: E402
 from slimmer.graph import iter_convolutions, set_module  # noqa: E402
 from slimmer.model_io import load_model  # noqa: E402
 from slimmer.pipeline import search_path  # noqa: E402
-from slimmer.plan import allocate, build_planned, layer_options  # noqa: E402
-from slimmer.recipe import DecomposeConfig, RefitConfig, load_recipe  # noqa: E402
+from slimmer.plan import allocate, build_planned, layer_options, weigh_by_output  # noqa: E402
+from slimmer.recipe import DecomposeStep, RefitStep, load_recipe  # noqa: E402
 
 RECIPE = REPOSITORY / "recipes" / "resnet56-target-macs.yaml"
 CHECKPOINT = REPOSITORY.parent / "shared" / "models" / "resnet56-cifar10-jpeg.th"
@@ -69,7 +72,9 @@ def main() -> int:
     calibration = sample_inputs(build_dataset(recipe.data.calibration, recipe.resolve_path, folders, 0),
                                 IMAGES, recipe.model.input_shape, 0)
     val_loader = make_loader(build_dataset(recipe.data.val, recipe.resolve_path, folders, 0), recipe.data)
-    config = DecomposeConfig(include=["layer*"], target={"macs": TARGET}, round_to=8)
+    config = next(step.decompose for step in recipe.steps if isinstance(step, DecomposeStep))
+    refit_config = next(step.refit for step in recipe.steps if isinstance(step, RefitStep))
+    assert config.target is not None and config.target.macs == TARGET
 
     shapes = record_shapes(model, example)
     selected = [(name, conv) for name, conv in iter_convolutions(model)
@@ -80,6 +85,10 @@ def main() -> int:
               for name, conv in selected]
     total, per_layer = count_macs(model, example)
     fixed = total - sum(per_layer[name] for name, _ in selected)
+    allocate(layers, "macs", total, TARGET * total)
+    layer_errors_only = {layer.name: dict(layer.chosen.settings) for layer in layers}
+    layer_errors_total = planned_macs(layers, fixed)
+    weigh_by_output(model, layers, calibration[:config.weigh_images])
     allocate(layers, "macs", total, TARGET * total)
     planning_s = time.perf_counter() - started
     planned = {layer.name: dict(layer.chosen.settings) for layer in layers}
@@ -96,20 +105,22 @@ def main() -> int:
     uniform_total = planned_macs(layers, fixed)
 
     results = {"original_top1": evaluate_top1(model, val_loader), "planning_s": planning_s,
-               "calibration_images": IMAGES, "uniform_ratio": best_ratio, "variants": []}
+               "calibration_images": IMAGES, "refit": refit_config.model_dump(), "uniform_ratio": best_ratio, "variants": []}
     print(f"original top-1 {results['original_top1']:.2f}", flush=True)
 
     def measure(label: str, compressed, macs: int) -> None:
         row = {"variant": label, "macs_ratio": macs / total}
         row["top1_init"] = evaluate_top1(compressed, val_loader)
         started = time.perf_counter()
-        refit(compressed, model, RefitConfig(images=IMAGES), calibration, inplace=True)
+        refit(compressed, model, refit_config, calibration[:refit_config.images], inplace=True)
         row["refit_s"] = time.perf_counter() - started
         row["top1_refit"] = evaluate_top1(compressed, val_loader)
         print(row, flush=True)
         results["variants"].append(row)
 
-    for label, choice, macs in (("planned", planned, planned_total), (f"uniform ratio {best_ratio}", uniform, uniform_total)):
+    variants = (("planned", planned, planned_total), ("planned on layer errors alone", layer_errors_only, layer_errors_total),
+                (f"uniform ratio {best_ratio}", uniform, uniform_total))
+    for label, choice, macs in variants:
         for layer in layers:
             matching = [index for index, option in enumerate(layer.options)
                         if option.form != "keep" and option.settings == choice[layer.name]]

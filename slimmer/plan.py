@@ -87,6 +87,7 @@ class LayerOptions:
     options: list[Option]
     hull: list[int] = field(default_factory=list)
     step: int = 0
+    weight: float = 1.0
 
     @property
     def chosen(self) -> Option:
@@ -174,7 +175,7 @@ def allocate(layers: list[LayerOptions], metric: str, total_cost: float, target_
         if layer.step + 1 >= len(layer.hull):
             return None
         current, following = layer.options[layer.hull[layer.step]], layer.options[layer.hull[layer.step + 1]]
-        slope = (following.error - current.error) / (current.cost(metric) - following.cost(metric))
+        slope = layer.weight * (following.error - current.error) / (current.cost(metric) - following.cost(metric))
         return slope, index
 
     queue = [entry for entry in (next_step(index) for index in range(len(layers))) if entry is not None]
@@ -226,9 +227,44 @@ class Plan:
         rows = []
         for layer in self.layers:
             rows.append({"name": layer.name, "chosen": layer.chosen.describe(), "error": layer.chosen.error,
+                         "output_weight": layer.weight,
                          "hull": [layer.options[index].to_dict() for index in layer.hull],
                          "options": [option.to_dict() for option in layer.options]})
         return rows
+
+
+@torch.no_grad()
+def weigh_by_output(model: nn.Module, layers: list[LayerOptions], images: torch.Tensor) -> None:
+    """Set each layer's weight to the model output error per unit of its own output error.
+
+    Layer errors do not all cost the same: the planner probes each layer alone with its hull
+    option nearest half its MACs, measures the relative error of the model's outputs on
+    ``images`` and divides by the layer's own error. Allocation then minimizes the sum of
+    weighted errors, a first-order estimate of the model output error.
+    """
+    from slimmer.cost import output_tensors
+    from slimmer.graph import get_module
+
+    was_training = model.training
+    model.eval()
+    reference = output_tensors(model(images))
+    energy = sum(float(tensor.pow(2).sum()) for tensor in reference)
+    for layer in layers:
+        hull = [layer.options[index] for index in lower_hull(layer.options, "macs")][1:]
+        if not hull:
+            continue
+        probe = min(hull, key=lambda option: abs(option.macs - layer.options[0].macs / 2))
+        if probe.error <= 0:
+            continue
+        original = get_module(model, layer.name)
+        set_module(model, layer.name, _build_option(layer, probe))
+        try:
+            outputs = output_tensors(model(images))
+        finally:
+            set_module(model, layer.name, original)
+        change = sum(float((output - base).pow(2).sum()) for output, base in zip(outputs, reference))
+        layer.weight = max(change / (energy + 1e-30) / probe.error, 1e-12)
+    model.train(was_training)
 
 
 def unit(metric: str) -> str:
@@ -247,13 +283,17 @@ def _unreachable(target: TargetConfig, original: float, smallest: float, config:
 def build_planned(model: nn.Module, layers: list[LayerOptions]) -> nn.Module:
     """Replace each layer in ``model`` (in place) by its planned option, initialized data-aware."""
     for layer in layers:
-        option = layer.chosen
-        if option.form == "bottleneck":
-            set_module(model, layer.name, layer.fitter.build_bottleneck(option.settings["rank_in"],
-                                                                         option.settings["rank_out"]))
-        elif option.form == "separable":
-            set_module(model, layer.name, layer.fitter.build_separable(option.settings["multiplier"]))
+        if layer.chosen.form != "keep":
+            set_module(model, layer.name, _build_option(layer, layer.chosen))
     return model
+
+
+def _build_option(layer: LayerOptions, option: Option) -> nn.Module:
+    if option.form == "bottleneck":
+        return layer.fitter.build_bottleneck(option.settings["rank_in"], option.settings["rank_out"])
+    if option.form == "separable":
+        return layer.fitter.build_separable(option.settings["multiplier"])
+    return layer.conv
 
 
 def _model_latency(models: dict[str, nn.Module], example_input: torch.Tensor, target: TargetConfig,
@@ -317,6 +357,8 @@ def plan_decomposition(model: nn.Module, config: DecomposeConfig, example_input:
     if smallest > target_cost:
         raise _unreachable(target, original, smallest, config)
 
+    if calibration_inputs is not None and config.weigh_by_output:
+        weigh_by_output(model, layers, calibration_inputs[:config.weigh_images])
     planned = allocate(layers, metric, original, target_cost)
     plan = Plan(metric, target.share, original, planned, smallest, layers, calibration)
     if metric == "latency":

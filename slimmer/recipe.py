@@ -111,6 +111,9 @@ class DecomposeConfig(_Strict):
         64, description="images on which form auto compares forms and a target plans the ranks")
     target: TargetConfig | None = Field(
         None, description="plan ranks and forms per layer to reach this share of the original cost")
+    weigh_by_output: bool = Field(
+        True, description="with a target, weigh each layer's error by its effect on the model output")
+    weigh_images: Annotated[int, Field(gt=0)] = Field(64, description="calibration images for weigh_by_output")
 
     @model_validator(mode="after")
     def _ranks_given(self) -> DecomposeConfig:

@@ -160,13 +160,16 @@ def plan_lines(report: dict[str, Any]) -> list[str]:
         position = next(index for index, option in enumerate(hull) if option["option"] == layer["chosen"])
         cheaper = hull[position + 1] if position + 1 < len(hull) else None
         dearer = hull[position - 1] if position > 0 else None
-        rows.append((layer["name"], layer["chosen"], f"{layer['error']:.4f}",
+        rows.append((layer["name"], layer["chosen"], f"{layer['error']:.4f}", f"{layer.get('output_weight', 1.0):.3g}",
                      _describe_neighbour(dearer), _describe_neighbour(cheaper)))
     if rows:
         lines += ["", "## Sensitivity", "",
                   "Relative output error `E||y - ŷ||² / E||y||²` of each layer's planned option and of its "
-                  "neighbours on the (cost, error) hull; sensitivity.json lists every option.", ""]
-        lines += _table(("layer", "planned", "error", "next dearer option", "next cheaper option"), rows)
+                  "neighbours on the (cost, error) hull. The output weight is the model output error per unit "
+                  "of the layer's error; the planner minimizes the sum of weighted errors. sensitivity.json "
+                  "lists every option.", ""]
+        lines += _table(("layer", "planned", "error", "output weight", "next dearer option", "next cheaper option"),
+                        rows)
     return lines
 
 

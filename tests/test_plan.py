@@ -17,7 +17,7 @@ from slimmer.decompose.refit import capture_inputs
 from slimmer.decompose.tucker import bottleneck_from_conv
 from slimmer.errors import CheckFailedError
 from slimmer.latency_table import LatencyTable
-from slimmer.plan import Option, allocate, lower_hull, rank_grid
+from slimmer.plan import LayerOptions, Option, allocate, lower_hull, rank_grid
 from slimmer.recipe import DecomposeConfig, RecipeError, recipe_from_dict
 
 
@@ -59,8 +59,7 @@ def test_allocate_takes_cheapest_error_first():
     layers = []
     for name, error in (("flat", 0.01), ("steep", 0.5)):
         options = [_option(100, 0.0), _option(50, error)]
-        layers.append(type("Layer", (), {"options": options, "hull": [], "step": 0,
-                                         "chosen": property(lambda self: self.options[self.hull[self.step]])})())
+        layers.append(LayerOptions(name, conv=None, shape=None, fitter=None, options=options))
     cost = allocate(layers, "macs", total_cost=300, target_cost=250)
     assert cost == 250
     assert layers[0].step == 1
@@ -135,6 +134,18 @@ def test_plan_puts_ranks_where_error_is_low(resnet20, cifar_input, cifar_images)
     assert len(settings) > 3
     errors = [change.details["error"] for change in result.changed]
     assert all(0.0 <= error < 1.0 for error in errors)
+
+
+def test_output_weights_differ_across_layers(resnet20, cifar_input, cifar_images):
+    """Probing each layer alone gives it a positive weight, and the weights are not all equal."""
+    config = DecomposeConfig(target={"macs": 0.5}, round_to=8, calibration_images=64, weigh_images=32)
+    result = decompose(resnet20, config, cifar_input, calibration_inputs=cifar_images)
+    weights = [row["output_weight"] for row in result.stats["sensitivity"]]
+    assert all(weight > 0 for weight in weights)
+    assert max(weights) > 2 * min(weights)
+    unweighted = DecomposeConfig(target={"macs": 0.5}, round_to=8, calibration_images=64, weigh_by_output=False)
+    plain = decompose(resnet20, unweighted, cifar_input, calibration_inputs=cifar_images)
+    assert all(row["output_weight"] == 1.0 for row in plain.stats["sensitivity"])
 
 
 def test_plan_is_deterministic(resnet20, cifar_input, cifar_images):
