@@ -44,7 +44,6 @@ RECIPE = REPOSITORY / "recipes" / "resnet56-target-macs.yaml"
 CHECKPOINT = REPOSITORY.parent / "shared" / "models" / "resnet56-cifar10-jpeg.th"
 OUTPUT = REPOSITORY / "bench" / "out" / "plan-comparison.json"
 TARGET = 0.5
-IMAGES = 256
 
 
 def uniform_choice(layers, ratio: float, round_to: int) -> None:
@@ -69,12 +68,13 @@ def main() -> int:
                        recipe.model.strip_prefix, search_path=search_path(recipe)).eval()
     example = torch.randn(1, *recipe.model.input_shape)
     folders = search_path(recipe)
-    calibration = sample_inputs(build_dataset(recipe.data.calibration, recipe.resolve_path, folders, 0),
-                                IMAGES, recipe.model.input_shape, 0)
-    val_loader = make_loader(build_dataset(recipe.data.val, recipe.resolve_path, folders, 0), recipe.data)
     config = next(step.decompose for step in recipe.steps if isinstance(step, DecomposeStep))
     refit_config = next(step.refit for step in recipe.steps if isinstance(step, RefitStep))
     assert config.target is not None and config.target.macs == TARGET
+    assert refit_config.images == config.calibration_images, "the comparison assumes one calibration set"
+    calibration = sample_inputs(build_dataset(recipe.data.calibration, recipe.resolve_path, folders, recipe.seed),
+                                config.calibration_images, recipe.model.input_shape, recipe.seed)
+    val_loader = make_loader(build_dataset(recipe.data.val, recipe.resolve_path, folders, 0), recipe.data)
 
     shapes = record_shapes(model, example)
     selected = [(name, conv) for name, conv in iter_convolutions(model)
@@ -105,7 +105,7 @@ def main() -> int:
     uniform_total = planned_macs(layers, fixed)
 
     results = {"original_top1": evaluate_top1(model, val_loader), "planning_s": planning_s,
-               "calibration_images": IMAGES, "refit": refit_config.model_dump(), "uniform_ratio": best_ratio, "variants": []}
+               "calibration_images": config.calibration_images, "refit": refit_config.model_dump(), "uniform_ratio": best_ratio, "variants": []}
     print(f"original top-1 {results['original_top1']:.2f}", flush=True)
 
     def measure(label: str, compressed, macs: int) -> None:

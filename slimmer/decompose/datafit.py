@@ -10,7 +10,7 @@ Every replacement is a fixed linear map ``z = Pᵀ p`` followed by a learned one
 
 - bottleneck: ``P = B ⊗ I_k`` where the reduce ``Bᵀ`` maps ``I`` channels to ``r_in``, then the
   core and expand, a map ``z -> y`` of rank at most ``r_out``;
-- separable: ``P`` holds the ``I * K`` depthwise kernels, then the pointwise layer.
+- separable: ``P`` contains the ``I * K`` depthwise kernels, then the pointwise layer.
 
 Given ``P``, the best map in the least-squares sense is the ridge regression
 ``M = Cyz (Czz + λ I)⁻¹`` with ``Czz = Pᵀ C P`` and ``Cyz = W C P``. A rank limit ``r_out`` keeps
