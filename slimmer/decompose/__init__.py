@@ -109,9 +109,15 @@ class Candidate:
         return f"{self.form} ({values})"
 
 
+def _spectrum(conv: nn.Conv2d, mode: int, rule: RankRule) -> torch.Tensor | None:
+    """Singular values of one mode, computed only for an energy rule, the one rule that reads them."""
+    return mode_singular_values(conv.weight, mode) if rule.energy is not None else None
+
+
 def _bottleneck(conv: nn.Conv2d, shape: LayerShape, config: DecomposeConfig) -> Candidate:
-    rank_out = choose_rank(config.rule_out(), conv.out_channels, mode_singular_values(conv.weight, 0), config.round_to)
-    rank_in = choose_rank(config.rule_in(), conv.in_channels, mode_singular_values(conv.weight, 1), config.round_to)
+    rule_out, rule_in = config.rule_out(), config.rule_in()
+    rank_out = choose_rank(rule_out, conv.out_channels, _spectrum(conv, 0, rule_out), config.round_to)
+    rank_in = choose_rank(rule_in, conv.in_channels, _spectrum(conv, 1, rule_in), config.round_to)
     return Candidate(
         "bottleneck", {"rank_in": rank_in, "rank_out": rank_out}, bottleneck_macs(conv, shape, rank_in, rank_out),
         bottleneck_params(conv, rank_in, rank_out),
