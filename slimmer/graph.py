@@ -51,3 +51,12 @@ def shared_modules(model: nn.Module) -> set[int]:
     for _, module in model.named_modules(remove_duplicate=False):
         seen[id(module)] = seen.get(id(module), 0) + 1
     return {key for key, count in seen.items() if count > 1}
+
+
+def modules_with_shared_parameters(model: nn.Module) -> set[int]:
+    """Ids of distinct modules that hold the same parameter (tied weights)."""
+    holders: dict[int, set[int]] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), set()).add(id(module))
+    return {module for group in holders.values() if len(group) > 1 for module in group}

@@ -5,21 +5,27 @@ it is kept: the pruned model must compute the same output as the unpruned model 
 channels zeroed ("masked"). torch-pruning does not model every operation, such as a shortcut that
 zero-pads channels with ``F.pad``. A group that passes through such an operation fails the check,
 is rolled back and is reported as skipped. A final forward pass checks the output shapes.
+
+The internal channels of a bottleneck never leave it, so torch-pruning traces each bottleneck on
+its own, on the input it receives in the model, and the check runs on that bottleneck alone.
+This works in any model, even one whose whole graph torch-pruning cannot trace. Other 1x1 targets
+(``targets: all_1x1``) need the dependency graph of the whole model.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimmer.cost import output_tensors
+from slimmer.cost import LayerShape, output_tensors, record_shapes
 from slimmer.errors import CheckFailedError
-from slimmer.graph import get_module, matches
+from slimmer.graph import get_module, matches, modules_with_shared_parameters, set_module, shared_modules
 from slimmer.layers import TuckerBottleneck
 from slimmer.passes import LayerChange, LayerSkip, PassResult
 from slimmer.recipe import PruneConfig
@@ -27,6 +33,16 @@ from slimmer.recipe import PruneConfig
 logger = logging.getLogger(__name__)
 
 MASK_TOLERANCE = 1e-4
+WHOLE_MODEL = ""
+
+
+@dataclass
+class _Target:
+    """A conv whose output channels are pruned, the layer reported, and the module torch-pruning traces."""
+
+    root: str
+    owner: str
+    scope: str
 
 
 @torch.no_grad()
@@ -35,28 +51,111 @@ def _forward(model: nn.Module, example_input: torch.Tensor) -> list[torch.Tensor
     return output_tensors(model(example_input))
 
 
-def _targets(model: nn.Module, config: PruneConfig) -> list[tuple[str, str]]:
-    """List ``(group root, owner)`` pairs: the conv whose output channels are pruned, and the layer reported."""
-    targets: list[tuple[str, str]] = []
+def _not_prunable_reason(module: nn.Module, shape: LayerShape | None, shared: set[int]) -> str | None:
+    if shape is None:
+        return "not called in a forward pass on the example input"
+    if shape.calls > 1 or id(module) in shared:
+        return "used in more than one place (shared weights); pruning it would change every use"
+    return None
+
+
+def _targets(model: nn.Module, config: PruneConfig, shapes: dict[str, LayerShape]) -> tuple[list[_Target], list[LayerSkip]]:
+    """List the targets, bottleneck-internal ones first, and the candidate layers that cannot be pruned."""
+    shared = shared_modules(model) | modules_with_shared_parameters(model)
+    targets: list[_Target] = []
+    skipped: list[LayerSkip] = []
     for name, module in model.named_modules():
         if isinstance(module, TuckerBottleneck) and matches(name, config.include, config.exclude):
+            reason = _not_prunable_reason(module, shapes.get(name), shared)
+            if reason is not None:
+                skipped.append(LayerSkip(name, reason))
+                continue
             if hasattr(module, "reduce"):
-                targets.append((f"{name}.reduce", name))
+                targets.append(_Target(f"{name}.reduce", name, name))
             if hasattr(module, "expand"):
-                targets.append((f"{name}.core", name))
+                targets.append(_Target(f"{name}.core", name, name))
     if config.targets == "all_1x1":
-        roots = {root for root, _ in targets}
+        already_listed = {target.root for target in targets} | {skip.name for skip in skipped}
         for name, module in model.named_modules():
             if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
-                    and name not in roots and matches(name, config.include, config.exclude)):
-                targets.append((name, name))
-    return targets
+                    and name not in already_listed and matches(name, config.include, config.exclude)):
+                reason = _not_prunable_reason(module, shapes.get(name), shared)
+                if reason is not None:
+                    skipped.append(LayerSkip(name, reason))
+                else:
+                    targets.append(_Target(name, name, WHOLE_MODEL))
+    return targets, skipped
 
 
 def _keep_count(channels: int, ratio: float, round_to: int) -> int:
     remaining = channels * (1.0 - ratio)
     steps = max(int(remaining / round_to + 0.5), 1)
     return min(steps * round_to, channels)
+
+
+@torch.no_grad()
+def _capture_inputs(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Return the input tensor each named module receives in one forward pass on ``example_input``."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            captured.setdefault(name, args[0].detach().clone())
+        handles.append(get_module(model, name).register_forward_pre_hook(hook))
+    try:
+        _forward(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _build_graph(module: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Trace ``module`` with torch-pruning; frozen parameters take part in the trace and stay frozen."""
+    frozen = [parameter for parameter in module.parameters() if not parameter.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            # A tuple, because torch-pruning 1.6 first calls model(*example_inputs), which splits a
+            # bare tensor along its batch axis.
+            return tp.DependencyGraph().build_dependency(module, example_inputs=(example_input,), verbose=False)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+
+
+def describe_trace_failure(error: BaseException, model: nn.Module) -> str:
+    """Say where torch-pruning stopped: the graph node it was processing and the named modules that feed it.
+
+    The node is looked up in the local variables of torch-pruning's frames, which depend on its
+    version. Without a node the description is the error alone.
+    """
+    text = f"{type(error).__name__}: {error}"
+    node = None
+    traceback = error.__traceback__
+    while traceback is not None:
+        for value in traceback.tb_frame.f_locals.values():
+            if isinstance(value, tp.dependency.Node):
+                node = value
+        traceback = traceback.tb_next
+    if node is None:
+        return text
+    names = {module: name for name, module in model.named_modules()}
+    feeding: list[str] = []
+    frontier, seen = list(node.inputs), set()
+    while frontier and len(feeding) < 3:
+        current = frontier.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.module in names:
+            feeding.append(names[current.module])
+        else:
+            frontier.extend(current.inputs)
+    operation = type(node.grad_fn).__name__ if node.grad_fn is not None else type(node.module).__name__
+    after = f" after {', '.join(feeding)}" if feeding else ""
+    return f"{text}, at a {operation} operation{after}"
 
 
 @torch.no_grad()
@@ -97,74 +196,128 @@ def _importance(config: PruneConfig) -> tp.importance.Importance:
                                                   group_reduction="mean", normalizer=None)
 
 
+def _graph_or_reason(model: nn.Module, scope: str, example_input: torch.Tensor) -> tp.DependencyGraph | str:
+    """Trace the module at ``scope`` ("" for the whole model); return the graph, or why it could not be built."""
+    try:
+        return _build_graph(get_module(model, scope), example_input)
+    # torch-pruning fails in many ways on operations it does not model (ZeroDivisionError, KeyError, ...).
+    except Exception as error:  # noqa: BLE001
+        where = describe_trace_failure(error, get_module(model, scope))
+        logger.warning("torch-pruning could not trace %s: %s", scope or "the model", where)
+        if scope == WHOLE_MODEL:
+            return (f"torch-pruning could not build the dependency graph of the whole model ({where}); "
+                    "only the internal channels of bottlenecks, traced one bottleneck at a time, can be pruned here")
+        return f"torch-pruning could not trace {scope} ({where})"
+
+
+def _coupled_names(group: Any, scope_module: nn.Module, scope: str) -> list[str]:
+    """Qualified names of the modules in ``group``; torch-pruning's nodes for functions (add, pad) have none."""
+    names = {module: name for name, module in scope_module.named_modules()}
+    prefix = f"{scope}." if scope else ""
+    return sorted({(prefix + names[dep.target.module]).rstrip(".") for dep, _ in group
+                   if dep.target.module in names})
+
+
+def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, config: PruneConfig,
+                  importance: tp.importance.Importance,
+                  scope_input: torch.Tensor) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
+    """Prune one group and check it against the masked model.
+
+    Returns the model (a restored copy when a whole-model group was rolled back), the record, and
+    whether a rollback happened, after which the graphs must be traced again.
+    """
+    root = get_module(model, target.root)
+    channels = root.out_channels
+    keep = _keep_count(channels, config.ratio, config.round_to)
+    if keep >= channels:
+        return model, LayerSkip(target.root, f"ratio {config.ratio} with round_to={config.round_to} "
+                                             f"keeps all {channels} channels"), False
+
+    try:
+        group = graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=list(range(channels)))
+        scores = importance(group)
+        if scores is None:
+            return model, LayerSkip(target.root, "torch-pruning found no weights to score in its group"), False
+        pruned_indices = sorted(torch.argsort(scores)[: channels - keep].tolist())
+        group = graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=pruned_indices)
+    except (RuntimeError, ValueError, IndexError) as error:
+        logger.warning("Kept %s out of pruning: torch-pruning failed on its group: %s", target.root, error)
+        return model, LayerSkip(target.root, f"torch-pruning cannot map its channel group "
+                                             f"({type(error).__name__}: {error})"), False
+    if not graph.check_pruning_group(group):
+        return model, LayerSkip(target.root, "pruning would leave a coupled layer with 0 channels"), False
+
+    # The check runs on the traced module alone: the bottleneck, or the whole model.
+    scope_module = get_module(model, target.scope)
+    expected = _masked_output(scope_module, group, scope_input)
+    snapshot = copy.deepcopy(scope_module)
+    coupled = _coupled_names(group, scope_module, target.scope)
+    try:
+        group.prune()
+        safe = _same(expected, _forward(scope_module, scope_input))
+    except (RuntimeError, ValueError, IndexError) as error:
+        logger.debug("Pruning group of %s failed: %s", target.root, error)
+        safe = False
+    if not safe:
+        if target.scope == WHOLE_MODEL:
+            model = snapshot
+        else:
+            set_module(model, target.scope, snapshot)
+        logger.warning("Kept %s out of pruning: the pruned model did not match the masked model", target.root)
+        return model, LayerSkip(
+            target.root, "its channel group passes through an operation torch-pruning does not model "
+                         f"(the pruned model did not match the masked one); coupled layers: {', '.join(coupled)}"), True
+
+    logger.info("Pruned %s: %d -> %d channels", target.root, channels, keep)
+    return model, LayerChange(
+        target.owner, before=f"{target.root}: {channels} channels", after=f"{keep} channels",
+        details={"root": target.root, "channels_before": channels, "channels_after": keep, "coupled": coupled},
+    ), False
+
+
 def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, inplace: bool = False) -> PassResult:
     """Prune a ``config.ratio`` share of the channels of each selected 1x1 group, lowest importance first.
 
-    Channel counts kept are multiples of ``config.round_to`` and never 0. The returned model is
-    checked by a forward pass: output shapes must equal the input model's.
+    Channel counts kept are multiples of ``config.round_to`` and never 0. Layers called more than
+    once or holding weights shared with another module are skipped. Parameters with
+    ``requires_grad=False`` stay frozen. The returned model is checked by a forward pass: output
+    shapes must equal the input model's.
     """
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     reference_shapes = [tensor.shape for tensor in _forward(model, example_input)]
+    targets, skipped = _targets(model, config, record_shapes(model, example_input))
+    result = PassResult("prune", model, skipped=skipped)
+
+    scope_inputs = _capture_inputs(model, sorted({target.scope for target in targets} - {WHOLE_MODEL}), example_input)
+    scope_inputs[WHOLE_MODEL] = example_input
     importance = _importance(config)
-    result = PassResult("prune", model)
-
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-    for root_name, owner in _targets(model, config):
-        root = get_module(model, root_name)
-        channels = root.out_channels
-        keep = _keep_count(channels, config.ratio, config.round_to)
-        if keep >= channels:
-            result.skipped.append(LayerSkip(root_name, f"ratio {config.ratio} with round_to={config.round_to} "
-                                                       f"keeps all {channels} channels"))
+    graphs: dict[str, tp.DependencyGraph | str] = {}
+    for target in targets:
+        if target.scope not in graphs:
+            graphs[target.scope] = _graph_or_reason(model, target.scope, scope_inputs[target.scope])
+        graph = graphs[target.scope]
+        if isinstance(graph, str):
+            result.skipped.append(LayerSkip(target.root, graph))
             continue
 
-        try:
-            group = graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=list(range(channels)))
-            scores = importance(group)
-            if scores is None:
-                result.skipped.append(LayerSkip(root_name, "torch-pruning found no weights to score in its group"))
-                continue
-            pruned_indices = sorted(torch.argsort(scores)[: channels - keep].tolist())
-            group = graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=pruned_indices)
-        except (RuntimeError, ValueError, IndexError) as error:
-            result.skipped.append(LayerSkip(
-                root_name, f"torch-pruning cannot map its channel group ({type(error).__name__}: {error})"))
-            logger.warning("Kept %s out of pruning: torch-pruning failed on its group: %s", root_name, error)
-            continue
-        if not graph.check_pruning_group(group):
-            result.skipped.append(LayerSkip(root_name, "pruning would leave a coupled layer with 0 channels"))
-            continue
+        model, record, rolled_back = _prune_target(model, target, graph, config, importance,
+                                                   scope_inputs[target.scope])
+        if isinstance(record, LayerChange):
+            result.changed.append(record)
+        else:
+            result.skipped.append(record)
+        if rolled_back:
+            # A graph refers to the modules it traced; a restored copy needs new ones.
+            graphs = {} if target.scope == WHOLE_MODEL else {
+                scope: value for scope, value in graphs.items() if scope not in (target.scope, WHOLE_MODEL)}
+    result.model = model
 
-        expected = _masked_output(model, group, example_input)
-        snapshot = copy.deepcopy(model)
-        # torch-pruning's own nodes for functional operations (add, pad, reshape) have no module name.
-        coupled = sorted({graph._module2name[dep.target.module] for dep, _ in group
-                          if dep.target.module in graph._module2name})
-        try:
-            group.prune()
-            found = _forward(model, example_input)
-            safe = _same(expected, found)
-        except (RuntimeError, ValueError, IndexError) as error:
-            logger.debug("Pruning group of %s failed: %s", root_name, error)
-            safe = False
-        if not safe:
-            model = snapshot
-            result.model = model
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-            result.skipped.append(LayerSkip(
-                root_name, "its channel group passes through an operation torch-pruning does not model "
-                           f"(the pruned model did not match the masked one); coupled layers: {', '.join(coupled)}"))
-            logger.warning("Kept %s out of pruning: the pruned model did not match the masked model", root_name)
-            continue
-
-        result.changed.append(LayerChange(
-            owner, before=f"{root_name}: {channels} channels", after=f"{keep} channels",
-            details={"root": root_name, "channels_before": channels, "channels_after": keep, "coupled": coupled},
-        ))
-        logger.info("Pruned %s: %d -> %d channels", root_name, channels, keep)
-
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
     final_shapes = [tensor.shape for tensor in _forward(model, example_input)]
     if final_shapes != reference_shapes:
         raise CheckFailedError(f"pruning changed the output shapes from {reference_shapes} to {final_shapes}")
