@@ -4,7 +4,8 @@ Each pruning group (the channels of one layer and everything coupled to them) is
 it is kept: the pruned model must compute the same output as the unpruned model with those
 channels zeroed ("masked"). torch-pruning does not model every operation, such as a shortcut that
 zero-pads channels with ``F.pad``. A group that passes through such an operation fails the check,
-is rolled back and is reported as skipped. A final forward pass checks the output shapes.
+is rolled back and is reported as skipped, and so is a group whose channels reach the model
+output. A final forward pass checks the output shapes.
 
 The internal channels of a bottleneck never leave it, so torch-pruning traces each bottleneck on
 its own, on the input it receives in the model, and the check runs on that bottleneck alone.
@@ -51,22 +52,32 @@ def _forward(model: nn.Module, example_input: torch.Tensor) -> list[torch.Tensor
     return output_tensors(model(example_input))
 
 
-def _not_prunable_reason(module: nn.Module, shape: LayerShape | None, shared: set[int]) -> str | None:
+SHARED_REASON = "used in more than one place or holds tied weights; pruning it would change every use"
+
+
+def _shared_names(model: nn.Module, shapes: dict[str, LayerShape]) -> set[str]:
+    """Names of modules called more than once, reachable under several names, or holding tied parameters."""
+    shared = shared_modules(model) | modules_with_shared_parameters(model)
+    return {name for name, module in model.named_modules()
+            if id(module) in shared or (name in shapes and shapes[name].calls > 1)}
+
+
+def _not_prunable_reason(name: str, shape: LayerShape | None, shared: set[str]) -> str | None:
     if shape is None:
         return "not called in a forward pass on the example input"
-    if shape.calls > 1 or id(module) in shared:
-        return "used in more than one place (shared weights); pruning it would change every use"
+    if name in shared:
+        return SHARED_REASON
     return None
 
 
-def _targets(model: nn.Module, config: PruneConfig, shapes: dict[str, LayerShape]) -> tuple[list[_Target], list[LayerSkip]]:
+def _targets(model: nn.Module, config: PruneConfig, shapes: dict[str, LayerShape],
+             shared: set[str]) -> tuple[list[_Target], list[LayerSkip]]:
     """List the targets, bottleneck-internal ones first, and the candidate layers that cannot be pruned."""
-    shared = shared_modules(model) | modules_with_shared_parameters(model)
     targets: list[_Target] = []
     skipped: list[LayerSkip] = []
     for name, module in model.named_modules():
         if isinstance(module, TuckerBottleneck) and matches(name, config.include, config.exclude):
-            reason = _not_prunable_reason(module, shapes.get(name), shared)
+            reason = _not_prunable_reason(name, shapes.get(name), shared)
             if reason is not None:
                 skipped.append(LayerSkip(name, reason))
                 continue
@@ -79,7 +90,7 @@ def _targets(model: nn.Module, config: PruneConfig, shapes: dict[str, LayerShape
         for name, module in model.named_modules():
             if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
                     and name not in already_listed and matches(name, config.include, config.exclude)):
-                reason = _not_prunable_reason(module, shapes.get(name), shared)
+                reason = _not_prunable_reason(name, shapes.get(name), shared)
                 if reason is not None:
                     skipped.append(LayerSkip(name, reason))
                 else:
@@ -135,9 +146,9 @@ def describe_trace_failure(error: BaseException, model: nn.Module) -> str:
     node = None
     traceback = error.__traceback__
     while traceback is not None:
-        for value in traceback.tb_frame.f_locals.values():
-            if isinstance(value, tp.dependency.Node):
-                node = value
+        # The innermost frame that has a node wins; its first node is usually the function's argument.
+        nodes = [value for value in traceback.tb_frame.f_locals.values() if isinstance(value, tp.dependency.Node)]
+        node = nodes[0] if nodes else node
         traceback = traceback.tb_next
     if node is None:
         return text
@@ -154,7 +165,7 @@ def describe_trace_failure(error: BaseException, model: nn.Module) -> str:
         else:
             frontier.extend(current.inputs)
     operation = type(node.grad_fn).__name__ if node.grad_fn is not None else type(node.module).__name__
-    after = f" after {', '.join(feeding)}" if feeding else ""
+    after = f" that follows {', '.join(feeding)}" if feeding else ""
     return f"{text}, at a {operation} operation{after}"
 
 
@@ -219,8 +230,8 @@ def _coupled_names(group: Any, scope_module: nn.Module, scope: str) -> list[str]
 
 
 def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, config: PruneConfig,
-                  importance: tp.importance.Importance,
-                  scope_input: torch.Tensor) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
+                  importance: tp.importance.Importance, scope_input: torch.Tensor,
+                  shared: set[str]) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
     """Prune one group and check it against the masked model.
 
     Returns the model (a restored copy when a whole-model group was rolled back), the record, and
@@ -246,27 +257,36 @@ def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, 
                                              f"({type(error).__name__}: {error})"), False
     if not graph.check_pruning_group(group):
         return model, LayerSkip(target.root, "pruning would leave a coupled layer with 0 channels"), False
+    scope_module = get_module(model, target.scope)
+    coupled = _coupled_names(group, scope_module, target.scope)
+    # torch-pruning would give a tied or reused layer new weights for one of its uses only.
+    shared_coupled = sorted(set(coupled) & shared)
+    if shared_coupled:
+        return model, LayerSkip(target.root, f"its channel group includes {', '.join(shared_coupled)}, "
+                                             f"{SHARED_REASON}"), False
 
     # The check runs on the traced module alone: the bottleneck, or the whole model.
-    scope_module = get_module(model, target.scope)
     expected = _masked_output(scope_module, group, scope_input)
     snapshot = copy.deepcopy(scope_module)
-    coupled = _coupled_names(group, scope_module, target.scope)
+    unmodeled = "its channel group passes through an operation torch-pruning does not model"
+    failure = None
     try:
         group.prune()
-        safe = _same(expected, _forward(scope_module, scope_input))
+        found = _forward(scope_module, scope_input)
+        if [tensor.shape for tensor in found] != [tensor.shape for tensor in expected]:
+            failure = "its channels reach the model output, whose shape must not change"
+        elif not _same(expected, found):
+            failure = f"{unmodeled} (the pruned model did not match the masked one); coupled layers: {', '.join(coupled)}"
     except (RuntimeError, ValueError, IndexError) as error:
-        logger.debug("Pruning group of %s failed: %s", target.root, error)
-        safe = False
-    if not safe:
+        failure = (f"{unmodeled} (the pruned model failed: {type(error).__name__}: {error}); "
+                   f"coupled layers: {', '.join(coupled)}")
+    if failure is not None:
         if target.scope == WHOLE_MODEL:
             model = snapshot
         else:
             set_module(model, target.scope, snapshot)
-        logger.warning("Kept %s out of pruning: the pruned model did not match the masked model", target.root)
-        return model, LayerSkip(
-            target.root, "its channel group passes through an operation torch-pruning does not model "
-                         f"(the pruned model did not match the masked one); coupled layers: {', '.join(coupled)}"), True
+        logger.warning("Kept %s out of pruning: %s", target.root, failure)
+        return model, LayerSkip(target.root, failure), True
 
     logger.info("Pruned %s: %d -> %d channels", target.root, channels, keep)
     return model, LayerChange(
@@ -288,7 +308,9 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
     model.eval()
     frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     reference_shapes = [tensor.shape for tensor in _forward(model, example_input)]
-    targets, skipped = _targets(model, config, record_shapes(model, example_input))
+    shapes = record_shapes(model, example_input)
+    shared = _shared_names(model, shapes)
+    targets, skipped = _targets(model, config, shapes, shared)
     result = PassResult("prune", model, skipped=skipped)
 
     scope_inputs = _capture_inputs(model, sorted({target.scope for target in targets} - {WHOLE_MODEL}), example_input)
@@ -304,7 +326,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
             continue
 
         model, record, rolled_back = _prune_target(model, target, graph, config, importance,
-                                                   scope_inputs[target.scope])
+                                                   scope_inputs[target.scope], shared)
         if isinstance(record, LayerChange):
             result.changed.append(record)
         else:
