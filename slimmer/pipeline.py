@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimmer.cost import count_macs, count_params, measure_latency
+from slimmer.cost import count_macs, count_params, measure_latency, output_shapes
 from slimmer.data import build_dataset, evaluate_top1, make_loader, sample_inputs
 from slimmer.decompose import decompose
 from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
 from slimmer.export import check_parity, export_onnx
 from slimmer.finetune import finetune
+from slimmer.graph import default_input_shape
 from slimmer.layers import REPLACEMENT_FORMS
 from slimmer.model_io import save_compressed
 from slimmer.passes import PassResult
@@ -131,6 +132,28 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
     return model.eval(), results
 
 
+def with_input_shape(recipe: Recipe, model: nn.Module) -> Recipe:
+    """Return ``recipe``, or a copy with ``model.input_shape`` taken from the model when the recipe leaves it out."""
+    if "input_shape" in recipe.model.model_fields_set:
+        return recipe
+    recipe = recipe.model_copy(deep=True)
+    recipe.model.input_shape = default_input_shape(model)
+    logger.info("model.input_shape not given; using %s (the first convolution's input channels)",
+                recipe.model.input_shape)
+    return recipe
+
+
+def check_example_input(model: nn.Module, example_input: torch.Tensor) -> None:
+    """Run ``model`` once on ``example_input (1, ...)``; raise InputError naming model.input_shape if that fails."""
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise InputError(f"the model's forward pass failed on an example input of shape {list(example_input.shape)}: "
+                         f"{error}; check model.input_shape ({list(example_input.shape[1:])}), the shape of one "
+                         "input without the batch axis") from None
+
+
 def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
     """Return the recipe's model class as :func:`slimmer.model_io.save_compressed` records it, or None."""
     if recipe.model.architecture is None:
@@ -152,12 +175,11 @@ def replacement_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def _check_outputs_match(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor) -> None:
+    """Raise CheckFailedError unless both models return the same tensors (names and shapes), tuples and dicts included."""
     with torch.no_grad():
-        before, after = original(example_input), compressed(example_input)
-    before_shape = before.shape if isinstance(before, torch.Tensor) else None
-    after_shape = after.shape if isinstance(after, torch.Tensor) else None
-    if before_shape != after_shape:
-        raise CheckFailedError(f"the compressed model's output shape {after_shape} differs from the original's {before_shape}")
+        before, after = output_shapes(original(example_input)), output_shapes(compressed(example_input))
+    if before != after:
+        raise CheckFailedError(f"the compressed model's outputs {after} differ from the original's {before}")
 
 
 def _with_reasons(rows: list[dict[str, Any]], results: list[PassResult]) -> list[dict[str, Any]]:
@@ -194,7 +216,7 @@ def apply(
     ``model.architecture`` from the recipe when it names one, a dict gives it directly
     (``{"architecture", "kwargs", "python_path"}``), and None saves the whole module pickled.
     """
-    recipe = as_recipe(recipe)
+    recipe = with_input_shape(as_recipe(recipe), model)
     if architecture == "recipe":
         architecture = recipe_architecture(recipe)
     if output_dir is not None:
@@ -205,6 +227,7 @@ def apply(
     started = time.perf_counter()
     original = copy.deepcopy(model).eval()
     example_input = torch.randn((1, *recipe.model.input_shape), generator=torch.Generator().manual_seed(recipe.seed))
+    check_example_input(original, example_input)
     datasets = load_datasets(recipe)
     context = RunContext(recipe, example_input, datasets, progress)
     val_loader = make_loader(datasets.val, recipe.data) if datasets.val is not None else None
