@@ -10,7 +10,9 @@ output. A final forward pass checks the output shapes.
 The internal channels of a bottleneck never leave it, so torch-pruning traces each bottleneck on
 its own, on the input it receives in the model, and the check runs on that bottleneck alone.
 This works in any model, even one whose whole graph torch-pruning cannot trace. Other 1x1 targets
-(``targets: all_1x1``) need the dependency graph of the whole model.
+(``targets: all_1x1``) use the dependency graph of the whole model. When torch-pruning cannot
+build it, each of them is pruned inside the smallest enclosing module that torch-pruning can
+trace alone and that holds its whole group, and the check runs on that module.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _forward(model: nn.Module, example_input: torch.Tensor) -> list[torch.Tensor
 
 
 SHARED_REASON = "used in more than one place or holds tied weights; pruning it would change every use"
+OUTPUT_REASON = "its channels reach the model output, whose shape must not change"
 
 
 def _shared_names(model: nn.Module, shapes: dict[str, LayerShape]) -> set[str]:
@@ -106,13 +109,18 @@ def _keep_count(channels: int, ratio: float, round_to: int) -> int:
 
 @torch.no_grad()
 def _capture_inputs(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Return the input tensor each named module receives in one forward pass on ``example_input``."""
+    """Return the input each named module receives in one forward pass on ``example_input``.
+
+    Only modules called with one tensor and no keyword arguments are listed, since only those can
+    be run again on their own.
+    """
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
-        def hook(_module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            captured.setdefault(name, args[0].detach().clone())
-        handles.append(get_module(model, name).register_forward_pre_hook(hook))
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+            if len(args) == 1 and isinstance(args[0], torch.Tensor) and not kwargs:
+                captured.setdefault(name, args[0].detach().clone())
+        handles.append(get_module(model, name).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         _forward(model, example_input)
     finally:
@@ -216,8 +224,7 @@ def _graph_or_reason(model: nn.Module, scope: str, example_input: torch.Tensor) 
         where = describe_trace_failure(error, get_module(model, scope))
         logger.warning("torch-pruning could not trace %s: %s", scope or "the model", where)
         if scope == WHOLE_MODEL:
-            return (f"torch-pruning could not build the dependency graph of the whole model ({where}); "
-                    "only the internal channels of bottlenecks, traced one bottleneck at a time, can be pruned here")
+            return f"torch-pruning could not build the dependency graph of the whole model ({where})"
         return f"torch-pruning could not trace {scope} ({where})"
 
 
@@ -230,9 +237,9 @@ def _coupled_names(group: Any, scope_module: nn.Module, scope: str) -> list[str]
 
 
 def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, config: PruneConfig,
-                  importance: tp.importance.Importance, scope_input: torch.Tensor,
-                  shared: set[str]) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
-    """Prune one group and check it against the masked model.
+                  importance: tp.importance.Importance, scope_input: torch.Tensor, shared: set[str],
+                  log_level: int = logging.WARNING) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
+    """Prune one group and check it against the masked model; log a group kept out at ``log_level``.
 
     Returns the model (a restored copy when a whole-model group was rolled back), the record, and
     whether a rollback happened, after which the graphs must be traced again.
@@ -252,7 +259,7 @@ def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, 
         pruned_indices = sorted(torch.argsort(scores)[: channels - keep].tolist())
         group = graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=pruned_indices)
     except (RuntimeError, ValueError, IndexError) as error:
-        logger.warning("Kept %s out of pruning: torch-pruning failed on its group: %s", target.root, error)
+        logger.log(log_level, "Kept %s out of pruning: torch-pruning failed on its group: %s", target.root, error)
         return model, LayerSkip(target.root, f"torch-pruning cannot map its channel group "
                                              f"({type(error).__name__}: {error})"), False
     if not graph.check_pruning_group(group):
@@ -274,7 +281,7 @@ def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, 
         group.prune()
         found = _forward(scope_module, scope_input)
         if [tensor.shape for tensor in found] != [tensor.shape for tensor in expected]:
-            failure = "its channels reach the model output, whose shape must not change"
+            failure = OUTPUT_REASON
         elif not _same(expected, found):
             failure = f"{unmodeled} (the pruned model did not match the masked one); coupled layers: {', '.join(coupled)}"
     except (RuntimeError, ValueError, IndexError) as error:
@@ -285,7 +292,7 @@ def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, 
             model = snapshot
         else:
             set_module(model, target.scope, snapshot)
-        logger.warning("Kept %s out of pruning: %s", target.root, failure)
+        logger.log(log_level, "Kept %s out of pruning: %s", target.root, failure)
         return model, LayerSkip(target.root, failure), True
 
     logger.info("Pruned %s: %d -> %d channels", target.root, channels, keep)
@@ -295,13 +302,99 @@ def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, 
     ), False
 
 
+def enclosing_modules(name: str) -> list[str]:
+    """Qualified names of the modules that contain ``name``, innermost first, the whole model left out."""
+    parts = name.split(".")
+    return [".".join(parts[:length]) for length in range(len(parts) - 1, 0, -1)]
+
+
+class _Pruner:
+    """The state of one prune pass: the model, the traced graphs and the inputs of traced modules."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig, example_input: torch.Tensor,
+                 shapes: dict[str, LayerShape], shared: set[str]) -> None:
+        self.model = model
+        self.config = config
+        self.importance = _importance(config)
+        self.shapes = shapes
+        self.shared = shared
+        self.example_input = example_input
+        self.inputs: dict[str, torch.Tensor] = {WHOLE_MODEL: example_input}
+        self.graphs: dict[str, tp.DependencyGraph | str] = {}
+
+    def capture(self, scopes: list[str]) -> None:
+        missing = [scope for scope in scopes if scope not in self.inputs]
+        if missing:
+            self.inputs.update(_capture_inputs(self.model, missing, self.example_input))
+
+    def graph(self, scope: str) -> tp.DependencyGraph | str:
+        if scope not in self.graphs:
+            self.graphs[scope] = _graph_or_reason(self.model, scope, self.inputs[scope])
+        return self.graphs[scope]
+
+    def prune_in(self, target: _Target, log_level: int = logging.WARNING) -> LayerChange | LayerSkip | None:
+        """Prune ``target`` with the graph of its scope; None when that graph could not be built."""
+        graph = self.graph(target.scope)
+        if isinstance(graph, str):
+            return None
+        self.model, record, rolled_back = _prune_target(self.model, target, graph, self.config, self.importance,
+                                                        self.inputs[target.scope], self.shared, log_level)
+        if rolled_back or isinstance(record, LayerChange):
+            self.forget_graphs(target.scope, including_own=rolled_back)
+        return record
+
+    def forget_graphs(self, scope: str, including_own: bool) -> None:
+        """Drop the graphs that a change inside ``scope`` made stale: those of the modules overlapping it.
+
+        A graph refers to the modules it traced and records channel offsets (of concatenations, for
+        example), so a group pruned through another graph, or a module restored from a copy, needs a
+        new one. Pruning through a graph keeps that graph valid, so ``including_own`` is for rollbacks.
+        """
+        def stale(other: str) -> bool:
+            if isinstance(self.graphs[other], str):
+                return False
+            if other == scope:
+                return including_own
+            if WHOLE_MODEL in (scope, other):
+                return True
+            return other.startswith(scope + ".") or scope.startswith(other + ".")
+
+        self.graphs = {other: graph for other, graph in self.graphs.items() if not stale(other)}
+
+    def prune_within_parts(self, target: _Target, whole_reason: str) -> LayerChange | LayerSkip:
+        """Prune ``target`` inside the smallest enclosing module that contains its whole group.
+
+        Used when the whole model cannot be traced. Each enclosing module called once with one tensor
+        is traced on its own, innermost first, and the check runs on that module alone. A group that
+        reaches the module's output moves on to the next one.
+        """
+        scopes = [scope for scope in enclosing_modules(target.root)
+                  if self.shapes.get(scope) is not None and self.shapes[scope].calls == 1 and scope not in self.shared]
+        self.capture(scopes)
+        for scope in scopes:
+            if scope not in self.inputs:
+                continue
+            record = self.prune_in(_Target(target.root, target.owner, scope), log_level=logging.DEBUG)
+            if record is None or (isinstance(record, LayerSkip) and record.reason == OUTPUT_REASON):
+                continue
+            if isinstance(record, LayerChange):
+                record.details["traced_module"] = scope
+            else:
+                logger.warning("Kept %s out of pruning: %s", target.root, record.reason)
+            return record
+        return LayerSkip(target.root, f"{whole_reason}, and no enclosing module that it can trace alone holds "
+                                      "the whole channel group")
+
+
 def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, inplace: bool = False) -> PassResult:
     """Prune a ``config.ratio`` share of the channels of each selected 1x1 group, lowest importance first.
 
     Channel counts kept are multiples of ``config.round_to`` and never 0. Layers called more than
     once or holding weights shared with another module are skipped. Parameters with
-    ``requires_grad=False`` stay frozen. The returned model is checked by a forward pass: output
-    shapes must equal the input model's.
+    ``requires_grad=False`` stay frozen. When torch-pruning cannot trace the whole model, each
+    1x1 target is pruned inside the smallest enclosing module it can trace that holds the target's
+    whole group. The returned model is checked by a forward pass: output shapes must equal the
+    input model's.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -313,29 +406,22 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
     targets, skipped = _targets(model, config, shapes, shared)
     result = PassResult("prune", model, skipped=skipped)
 
-    scope_inputs = _capture_inputs(model, sorted({target.scope for target in targets} - {WHOLE_MODEL}), example_input)
-    scope_inputs[WHOLE_MODEL] = example_input
-    importance = _importance(config)
-    graphs: dict[str, tp.DependencyGraph | str] = {}
+    pruner = _Pruner(model, config, example_input, shapes, shared)
+    pruner.capture(sorted({target.scope for target in targets} - {WHOLE_MODEL}))
     for target in targets:
-        if target.scope not in graphs:
-            graphs[target.scope] = _graph_or_reason(model, target.scope, scope_inputs[target.scope])
-        graph = graphs[target.scope]
-        if isinstance(graph, str):
-            result.skipped.append(LayerSkip(target.root, graph))
-            continue
-
-        model, record, rolled_back = _prune_target(model, target, graph, config, importance,
-                                                   scope_inputs[target.scope], shared)
+        record = pruner.prune_in(target)
+        if record is None:
+            reason = pruner.graph(target.scope)
+            assert isinstance(reason, str)
+            if target.scope == WHOLE_MODEL:
+                record = pruner.prune_within_parts(target, reason)
+            else:
+                record = LayerSkip(target.root, reason)
         if isinstance(record, LayerChange):
             result.changed.append(record)
         else:
             result.skipped.append(record)
-        if rolled_back:
-            # A graph refers to the modules it traced; a restored copy needs new ones.
-            graphs = {} if target.scope == WHOLE_MODEL else {
-                scope: value for scope, value in graphs.items() if scope not in (target.scope, WHOLE_MODEL)}
-    result.model = model
+    model = result.model = pruner.model
 
     for name, parameter in model.named_parameters():
         if name in frozen:

@@ -346,18 +346,36 @@ def shufflenet_stage() -> nn.Module:
     return nn.Sequential(nn.Conv2d(patterns.CHANNELS, 16, 3, padding=1), *units).eval()
 
 
-def test_untraceable_graph_named() -> None:
+@pytest.fixture(scope="module")
+def pruned_shufflenet_stage() -> tuple[nn.Module, PassResult]:
     # torch-pruning 1.6.1 divides by zero in the reshape of the third unit's channel shuffle.
     decomposed = slimmer.decompose(shufflenet_stage(), LOSSY, EXAMPLE).model
-    result = slimmer.prune(decomposed, PRUNE_ALL_1X1, EXAMPLE)
-    reasons = skip_reasons(result)
-    roots = {change.details["root"] for change in result.changed}
+    return decomposed, slimmer.prune(decomposed, PRUNE_ALL_1X1, EXAMPLE)
 
-    assert "0.reduce" in roots
-    assert "0.core" in roots
-    assert reasons["1.branch2.0"].startswith("torch-pruning could not build the dependency graph of the whole model "
-                                             "(ZeroDivisionError")
-    assert "at a ViewBackward0 operation that follows" in reasons["1.branch2.0"]
+
+def test_untraceable_graph_named(pruned_shufflenet_stage: tuple[nn.Module, PassResult]) -> None:
+    _, result = pruned_shufflenet_stage
+    reason = skip_reasons(result)["1.branch2.5"]
+
+    assert reason.startswith("torch-pruning could not build the dependency graph of the whole model (ZeroDivisionError")
+    assert "at a ViewBackward0 operation that follows" in reason
+    assert reason.endswith("and no enclosing module that it can trace alone holds the whole channel group")
+
+
+def test_untraceable_graph_pruned_in_parts(pruned_shufflenet_stage: tuple[nn.Module, PassResult]) -> None:
+    decomposed, result = pruned_shufflenet_stage
+    traced = {change.details["root"]: change.details.get("traced_module") for change in result.changed}
+    inputs = sample(3, seed=7)
+
+    assert traced["0.reduce"] is None
+    assert traced["1.branch2.0"] == "1.branch2"
+    assert traced["3.branch2.0"] == "3.branch2"
+    # The unit's branch has 8 channels; half are pruned from the 1x1 conv and the depthwise conv after it.
+    assert result.model[1].branch2[0].out_channels == 4
+    assert result.model[1].branch2[3].groups == 4
+    assert result.model[1].branch2[3].out_channels == 4
+    assert relative_difference(outputs(masked_model(decomposed, result.model), inputs),
+                               outputs(result.model, inputs)) <= FLOAT_TOLERANCE
 
 
 # Compression end to end -----------------------------------------------------------------------
