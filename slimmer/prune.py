@@ -215,14 +215,15 @@ def _importance(config: PruneConfig) -> tp.importance.Importance:
                                                   group_reduction="mean", normalizer=None)
 
 
-def _graph_or_reason(model: nn.Module, scope: str, example_input: torch.Tensor) -> tp.DependencyGraph | str:
+def _graph_or_reason(model: nn.Module, scope: str, example_input: torch.Tensor,
+                     log_level: int = logging.WARNING) -> tp.DependencyGraph | str:
     """Trace the module at ``scope`` ("" for the whole model); return the graph, or why it could not be built."""
     try:
         return _build_graph(get_module(model, scope), example_input)
     # torch-pruning fails in many ways on operations it does not model (ZeroDivisionError, KeyError, ...).
     except Exception as error:  # noqa: BLE001
         where = describe_trace_failure(error, get_module(model, scope))
-        logger.warning("torch-pruning could not trace %s: %s", scope or "the model", where)
+        logger.log(log_level, "torch-pruning could not trace %s: %s", scope or "the model", where)
         if scope == WHOLE_MODEL:
             return f"torch-pruning could not build the dependency graph of the whole model ({where})"
         return f"torch-pruning could not trace {scope} ({where})"
@@ -327,14 +328,18 @@ class _Pruner:
         if missing:
             self.inputs.update(_capture_inputs(self.model, missing, self.example_input))
 
-    def graph(self, scope: str) -> tp.DependencyGraph | str:
+    def graph(self, scope: str, log_level: int = logging.WARNING) -> tp.DependencyGraph | str:
+        """Return the graph of the module at ``scope``, traced on first use, or why it could not be traced."""
         if scope not in self.graphs:
-            self.graphs[scope] = _graph_or_reason(self.model, scope, self.inputs[scope])
+            if scope in self.inputs:
+                self.graphs[scope] = _graph_or_reason(self.model, scope, self.inputs[scope], log_level)
+            else:
+                self.graphs[scope] = f"{scope} is not called with one tensor alone, so it cannot be traced on its own"
         return self.graphs[scope]
 
     def prune_in(self, target: _Target, log_level: int = logging.WARNING) -> LayerChange | LayerSkip | None:
         """Prune ``target`` with the graph of its scope; None when that graph could not be built."""
-        graph = self.graph(target.scope)
+        graph = self.graph(target.scope, log_level)
         if isinstance(graph, str):
             return None
         self.model, record, rolled_back = _prune_target(self.model, target, graph, self.config, self.importance,
@@ -372,8 +377,6 @@ class _Pruner:
                   if self.shapes.get(scope) is not None and self.shapes[scope].calls == 1 and scope not in self.shared]
         self.capture(scopes)
         for scope in scopes:
-            if scope not in self.inputs:
-                continue
             record = self.prune_in(_Target(target.root, target.owner, scope), log_level=logging.DEBUG)
             if record is None or (isinstance(record, LayerSkip) and record.reason == OUTPUT_REASON):
                 continue
