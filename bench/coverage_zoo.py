@@ -372,11 +372,13 @@ def coverage_page(outcomes: list[Outcome], wall_s: float) -> str:
         "",
         "Each model is built by torchvision with `weights=None` and seed 0, nothing downloaded. Its batch-norm "
         "statistics are set from one batch of 8 random images, with the model in eval mode and only the batch "
-        "norms training, so activations keep a unit scale. Then `slimmer.apply` runs the recipe below. A model passes when apply succeeds (its ONNX file "
-        "passes `onnx.checker` and onnxruntime matches PyTorch within atol 1e-4 + rtol 1e-3 on 3 random "
-        "inputs at batch 3) and the script's own checks hold: the same output tensors and shapes as the "
-        "original, onnxruntime parity at batch 1 too, a dynamic batch axis on every ONNX input and output, "
-        "and every convolution and every prune target either changed or listed as skipped with its reason.",
+        "norms training, so activations keep a unit scale. Then `slimmer.apply` runs the recipe below. Inside "
+        "apply, the ONNX file must pass `onnx.checker` and onnxruntime must match PyTorch within atol 1e-4 + "
+        "rtol 1e-3 on 3 random inputs at batch 3. The script then checks that the compressed model returns the "
+        "same output tensors and shapes as the original, that onnxruntime matches at batch 1 too and that every "
+        "ONNX input and output has a dynamic batch axis. It also checks that every convolution and every prune "
+        "target is either changed or listed as skipped with its reason. A model passes when apply succeeds and "
+        "all these checks hold.",
         "",
         "Random weights have flat singular-value spectra, so this page shows which layers slimmer can "
         "rewrite and prune in each architecture and that the result exports correctly, not the accuracy a "
