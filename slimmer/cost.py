@@ -58,6 +58,35 @@ def output_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def named_output_tensors(value: Any) -> list[tuple[str, torch.Tensor]]:
+    """Pair each tensor of :func:`output_tensors` with a name, the path of tuple indexes and dict keys to it.
+
+    A lone tensor is named ``output``. The tensors of ``(a, {"aux": b})`` are ``output_0`` and
+    ``output_1_aux``. ONNX export uses these as output names.
+    """
+    named = _named_tensors(value, "output")
+    if len(named) == 1:
+        return [("output", named[0][1])]
+    return named
+
+
+def _named_tensors(value: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)]
+    if isinstance(value, dict):
+        items = [(str(key), item) for key, item in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(str(index), item) for index, item in enumerate(value)]
+    else:
+        return []
+    return [pair for key, item in items for pair in _named_tensors(item, f"{prefix}_{key}")]
+
+
+def output_shapes(value: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Return ``(name, shape)`` for every tensor in a model output, named as :func:`named_output_tensors` does."""
+    return [(name, tuple(tensor.shape)) for name, tensor in named_output_tensors(value)]
+
+
 @torch.no_grad()
 def record_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, LayerShape]:
     """Run one forward pass and return, per qualified module name, the shapes it saw."""

@@ -11,6 +11,9 @@ from slimmer.layers import SeparableConv, TuckerBottleneck
 
 REWRITTEN_TYPES = (TuckerBottleneck, SeparableConv)
 
+# Side of the square example image used when a recipe gives no model.input_shape.
+DEFAULT_IMAGE_SIZE = 224
+
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
@@ -51,3 +54,19 @@ def shared_modules(model: nn.Module) -> set[int]:
     for _, module in model.named_modules(remove_duplicate=False):
         seen[id(module)] = seen.get(id(module), 0) + 1
     return {key for key, count in seen.items() if count > 1}
+
+
+def modules_with_shared_parameters(model: nn.Module) -> set[int]:
+    """Ids of distinct modules that hold the same parameter (tied weights)."""
+    holders: dict[int, set[int]] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), set()).add(id(module))
+    return {module for group in holders.values() if len(group) > 1 for module in group}
+
+
+def default_input_shape(model: nn.Module) -> list[int]:
+    """Return ``[C, 224, 224]``, C being the input channels of the model's first nn.Conv2d (3 when it has none)."""
+    first = next((module for module in model.modules() if isinstance(module, nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3
+    return [channels, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE]

@@ -22,7 +22,7 @@ from torch import nn
 
 from slimmer.checkpoint import (CHECKPOINT_FILE, CheckpointTarget, RunCheckpoint, capture_rng_states, checkpoint_writer,
                                 prepare_work_dir, restore_rng_states)
-from slimmer.cost import count_macs, count_params, measure_latency
+from slimmer.cost import count_macs, count_params, measure_latency, output_shapes
 from slimmer.data import build_dataset, check_label_range, check_sample_shape, evaluate_top1, make_loader, sample_inputs
 from slimmer.decompose import decompose
 from slimmer.decompose.refit import refit
@@ -30,6 +30,7 @@ from slimmer.errors import CheckFailedError, InputError
 from slimmer.export import check_parity, export_onnx
 from slimmer.finetune import FinetuneState, finetune
 from slimmer.model_io import load_compressed, replacement_specs, save_compressed
+from slimmer.graph import default_input_shape
 from slimmer.passes import PassResult
 from slimmer.prune import prune
 from slimmer.recipe import DecomposeStep, FinetuneStep, PruneStep, Recipe, RefitStep, load_recipe, recipe_from_dict
@@ -166,6 +167,17 @@ def _model_from_checkpoint(saved: RunCheckpoint, context: RunContext) -> nn.Modu
     return model
 
 
+def with_input_shape(recipe: Recipe, model: nn.Module) -> Recipe:
+    """Return ``recipe``, or a copy with ``model.input_shape`` taken from the model when the recipe leaves it out."""
+    if "input_shape" in recipe.model.model_fields_set:
+        return recipe
+    recipe = recipe.model_copy(deep=True)
+    recipe.model.input_shape = default_input_shape(model)
+    logger.info("model.input_shape not given; using %s (the first convolution's input channels)",
+                recipe.model.input_shape)
+    return recipe
+
+
 def recipe_architecture(recipe: Recipe) -> dict[str, Any] | None:
     """Return the recipe's model class as :func:`slimmer.model_io.save_compressed` records it, or None."""
     if recipe.model.architecture is None:
@@ -191,7 +203,7 @@ def _check_model_takes(model: nn.Module, example_input: torch.Tensor) -> int | N
     try:
         with torch.no_grad():
             output = model(example_input)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"the model fails on an input of shape {list(example_input.shape)} (model.input_shape "
                          f"with a batch axis): {detail}; set model.input_shape to the shape of one input") from None
@@ -201,12 +213,11 @@ def _check_model_takes(model: nn.Module, example_input: torch.Tensor) -> int | N
 
 
 def _check_outputs_match(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor) -> None:
+    """Raise CheckFailedError unless both models return the same tensors (names and shapes), tuples and dicts included."""
     with torch.no_grad():
-        before, after = original(example_input), compressed(example_input)
-    before_shape = before.shape if isinstance(before, torch.Tensor) else None
-    after_shape = after.shape if isinstance(after, torch.Tensor) else None
-    if before_shape != after_shape:
-        raise CheckFailedError(f"the compressed model's output shape {after_shape} differs from the original's {before_shape}")
+        before, after = output_shapes(original(example_input)), output_shapes(compressed(example_input))
+    if before != after:
+        raise CheckFailedError(f"the compressed model's outputs {after} differ from the original's {before}")
 
 
 def _with_reasons(rows: list[dict[str, Any]], results: list[PassResult]) -> list[dict[str, Any]]:
@@ -250,7 +261,7 @@ def apply(
     folder is rejected, or discarded with ``force``. An exception raised after a checkpoint was
     saved has the attribute ``partial_work``, the work folder.
     """
-    recipe = as_recipe(recipe)
+    recipe = with_input_shape(as_recipe(recipe), model)
     if architecture == "recipe":
         architecture = recipe_architecture(recipe)
     checkpoints = saved = None

@@ -289,10 +289,12 @@ def build_planned(model: nn.Module, layers: list[LayerOptions]) -> nn.Module:
 
 
 def _build_option(layer: LayerOptions, option: Option) -> nn.Module:
+    from slimmer.decompose import like_original
+
     if option.form == "bottleneck":
-        return layer.fitter.build_bottleneck(option.settings["rank_in"], option.settings["rank_out"])
+        return like_original(layer.conv, layer.fitter.build_bottleneck(option.settings["rank_in"], option.settings["rank_out"]))
     if option.form == "separable":
-        return layer.fitter.build_separable(option.settings["multiplier"])
+        return like_original(layer.conv, layer.fitter.build_separable(option.settings["multiplier"]))
     return layer.conv
 
 

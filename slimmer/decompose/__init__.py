@@ -17,7 +17,7 @@ from slimmer.decompose.ranks import choose_rank, energy_rank
 from slimmer.decompose.refit import capture_inputs, refit_last_layer
 from slimmer.decompose.separable import channel_singular_values, separable_from_conv
 from slimmer.decompose.tucker import bottleneck_from_conv, mode_singular_values
-from slimmer.graph import iter_convolutions, matches, set_module, shared_modules
+from slimmer.graph import iter_convolutions, matches, modules_with_shared_parameters, set_module, shared_modules
 from slimmer.passes import LayerChange, LayerSkip, PassResult
 from slimmer.recipe import DecomposeConfig, RankRule
 
@@ -109,9 +109,15 @@ class Candidate:
         return f"{self.form} ({values})"
 
 
+def _spectrum(conv: nn.Conv2d, mode: int, rule: RankRule) -> torch.Tensor | None:
+    """Singular values of one mode, computed only for an energy rule, the one rule that reads them."""
+    return mode_singular_values(conv.weight, mode) if rule.energy is not None else None
+
+
 def _bottleneck(conv: nn.Conv2d, shape: LayerShape, config: DecomposeConfig) -> Candidate:
-    rank_out = choose_rank(config.rule_out(), conv.out_channels, mode_singular_values(conv.weight, 0), config.round_to)
-    rank_in = choose_rank(config.rule_in(), conv.in_channels, mode_singular_values(conv.weight, 1), config.round_to)
+    rule_out, rule_in = config.rule_out(), config.rule_in()
+    rank_out = choose_rank(rule_out, conv.out_channels, _spectrum(conv, 0, rule_out), config.round_to)
+    rank_in = choose_rank(rule_in, conv.in_channels, _spectrum(conv, 1, rule_in), config.round_to)
     return Candidate(
         "bottleneck", {"rank_in": rank_in, "rank_out": rank_out}, bottleneck_macs(conv, shape, rank_in, rank_out),
         bottleneck_params(conv, rank_in, rank_out),
@@ -130,11 +136,13 @@ def _separable_within(conv: nn.Conv2d, shape: LayerShape, max_macs: int) -> Cand
 
 
 def _skip_reason(name: str, conv: nn.Conv2d, shape: LayerShape | None, config: DecomposeConfig,
-                 shared: set[int]) -> str | None:
+                 shared: set[int], tied: set[int]) -> str | None:
     if shape is None:
         return "not called in a forward pass on the example input"
     if shape.calls > 1 or id(conv) in shared:
         return "used in more than one place (shared weights); rewriting it would split the weights"
+    if id(conv) in tied:
+        return "holds a parameter that another module also holds (tied weights); rewriting it would untie them"
     if conv.groups != 1:
         return f"grouped convolution (groups={conv.groups}); the low-rank forms apply to dense convolutions only"
     if conv.kernel_size == (1, 1):
@@ -153,6 +161,15 @@ def _cheaper(candidate: Candidate, macs: int, params: int) -> str | None:
     if candidate.params >= params:
         return f"{candidate.describe()} has {candidate.params} parameters, not fewer than {params}"
     return None
+
+
+def like_original(conv: nn.Conv2d, replacement: nn.Module) -> nn.Module:
+    """Give ``replacement`` the training mode of ``conv`` and its frozen state (``requires_grad``), bias apart."""
+    replacement.train(conv.training)
+    for name, parameter in replacement.named_parameters():
+        source = conv.bias if name.endswith("bias") and conv.bias is not None else conv.weight
+        parameter.requires_grad_(source.requires_grad)
+    return replacement
 
 
 @torch.no_grad()
@@ -208,11 +225,13 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
         model = copy.deepcopy(model)
     shapes = record_shapes(model, example_input)
     shared = shared_modules(model)
+    tied = modules_with_shared_parameters(model)
     result = PassResult("decompose", model)
 
     candidates = [(name, conv) for name, conv in iter_convolutions(model)
                   if matches(name, config.include, config.exclude)]
-    skip_reasons = {name: _skip_reason(name, conv, shapes.get(name), config, shared) for name, conv in candidates}
+    skip_reasons = {name: _skip_reason(name, conv, shapes.get(name), config, shared, tied)
+                    for name, conv in candidates}
     selected = [(name, conv) for name, conv in candidates if skip_reasons[name] is None]
     for name, _ in candidates:
         if skip_reasons[name] is not None:
@@ -236,7 +255,7 @@ def decompose(model: nn.Module, config: DecomposeConfig, example_input: torch.Te
         if chosen is None:
             result.skipped.append(LayerSkip(name, reason))
             continue
-        set_module(model, name, chosen.build())
+        set_module(model, name, like_original(conv, chosen.build()))
         _record_change(result, name, conv, shape, chosen.form, chosen.settings, chosen.macs, chosen.params, reason,
                        chosen.error)
 

@@ -26,11 +26,14 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative_share, threshold).item()) + 1
 
 
-def choose_rank(rule: RankRule, channels: int, singular_values: torch.Tensor, round_to: int) -> int:
-    """Apply ``rule`` to one mode with ``channels`` channels; the result lies in ``[1, channels]``."""
+def choose_rank(rule: RankRule, channels: int, singular_values: torch.Tensor | None, round_to: int) -> int:
+    """Apply ``rule`` to one mode with ``channels`` channels; the result lies in ``[1, channels]``.
+
+    ``singular_values`` of the mode are required by an energy rule only.
+    """
     if rule.fixed is not None:
         return round_rank(rule.fixed, round_to, channels)
     if rule.ratio is not None:
         return round_rank(rule.ratio * channels, round_to, channels)
-    assert rule.energy is not None
+    assert rule.energy is not None and singular_values is not None
     return round_rank(energy_rank(singular_values, rule.energy), round_to, channels, up=True)

@@ -26,7 +26,10 @@ def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
 
 def leading_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """Return the ``rank`` leading left singular vectors of ``matrix`` as columns (orthonormal even for a zero matrix)."""
-    left, _, _ = torch.linalg.svd(matrix, full_matrices=True)
+    # The full left basis has rows x rows entries. The reduced SVD already gives it when the matrix is
+    # wide (an unfolding usually is) and skips the much larger right basis.
+    wide = matrix.shape[1] >= matrix.shape[0]
+    left, _, _ = torch.linalg.svd(matrix, full_matrices=not wide)
     return left[:, :rank]
 
 
