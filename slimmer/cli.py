@@ -54,7 +54,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     arguments.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in arguments.overrides]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = ""
+        if any(not item.startswith("-") for item in unknown):
+            hint = "; recipe overrides are written key=value, for example seed=1"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return arguments
 
 

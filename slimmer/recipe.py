@@ -505,9 +505,22 @@ def apply_overrides(raw: Any, overrides: list[str]) -> Any:
         key, separator, text = override.partition("=")
         if not separator or not key:
             raise RecipeError([f"override {override!r} is not key=value (for example seed=1)"], "override")
-        value = yaml.safe_load(text) if text else None
-        _set_path(raw, key, value, override)
+        _set_path(raw, key, _override_value(text, override), override)
     return raw
+
+
+def _override_value(text: str, override: str) -> Any:
+    """Parse the value of an override as YAML; an empty value is null."""
+    if not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+        detail = ": ".join(part for part in parts if part) or " ".join(str(error).split())
+        raise RecipeError([f"override {override!r}: the value {text!r} is not valid YAML ({detail}); close its "
+                           "brackets, braces and quotes, or put a string that starts with one of them in YAML quotes, "
+                           "as in 'name=\"[draft]\"'"], "override") from None
 
 
 def _set_path(raw: dict[str, Any], key: str, value: Any, override: str) -> None:
