@@ -9,6 +9,7 @@ Relative paths in a recipe are resolved against the folder that contains the rec
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from slimmer.errors import RecipeError
 
 RECIPE_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -377,6 +380,12 @@ def _validate_steps(raw_steps: Any, problems: list[str]) -> list[Any] | None:
             checked.append(STEP_TYPES[kind].model_validate(step))
         except ValidationError as error:
             problems.extend(_describe(error, step, prefix=("steps", index)))
+            continue
+        # Both are allowed, because overriding steps is the usual way to shorten a recipe that gives epochs.
+        config = getattr(checked[-1], "finetune", None)
+        if config is not None and config.epochs is not None and config.steps is not None:
+            logger.warning("steps[%d].finetune gives both epochs (%g) and steps (%d): it trains for %d steps and "
+                           "ignores epochs; remove one of them", index, config.epochs, config.steps, config.steps)
     return checked
 
 
