@@ -309,7 +309,7 @@ def _run(model: nn.Module, recipe: Recipe, output_dir: Path | None, progress: bo
         "macs_counted": "convolutions and linear layers; one MAC is one multiply-add, per sample",
         **({"sensitivity": [row for rows in sensitivity for row in rows]} if sensitivity else {}),
         "environment": environment(),
-        "recipe_resolved": recipe.model_dump(mode="json"),
+        "recipe_resolved": recipe.dump_with_absolute_paths(),
         "resumed_from": None if saved is None else {"step": f"steps[{saved.step_index}]",
                                                      "finetune_step": saved.finetune["step"]},
     }

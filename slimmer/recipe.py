@@ -303,8 +303,23 @@ class Recipe(_Strict):
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else (Path(self.base_dir) / candidate).resolve()
 
+    def dump_with_absolute_paths(self) -> dict[str, Any]:
+        """Return the recipe as JSON data with ``model.python_path`` and each ``image_folder`` made absolute.
+
+        Relative paths start at the recipe's folder, so a copy saved elsewhere, such as
+        ``recipe.resolved.yaml`` in an output folder, needs them absolute to apply the same way.
+        """
+        resolved = self.model_dump(mode="json")
+        resolved["model"]["python_path"] = [str(self.resolve_path(folder)) for folder in self.model.python_path]
+        for name in ("train", "calibration", "val"):
+            dataset = resolved["data"].get(name)
+            if dataset is not None and dataset["image_folder"] is not None:
+                dataset["image_folder"] = str(self.resolve_path(dataset["image_folder"]))
+        return resolved
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """Return the recipe as YAML, with its paths absolute (see :meth:`dump_with_absolute_paths`)."""
+        return yaml.safe_dump(self.dump_with_absolute_paths(), sort_keys=False)
 
 
 def _known_keys(model: type[BaseModel]) -> list[str]:
