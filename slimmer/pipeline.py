@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import shutil
 import sys
@@ -353,6 +354,13 @@ def _export_and_measure(original: nn.Module, compressed: nn.Module, parity_input
         context.timings_s["latency"] = time.perf_counter() - started
 
 
+def _current_umask() -> int:
+    """Return the process's umask; os.umask reads it only by replacing it, so it is put back at once."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _write_outputs(output_dir: Path, scratch: Path, compressed: nn.Module, recipe: Recipe, report: dict[str, Any],
                    architecture: dict[str, Any] | None) -> None:
     """Write every artifact into a temporary sibling folder, then move it into place in one rename."""
@@ -360,6 +368,7 @@ def _write_outputs(output_dir: Path, scratch: Path, compressed: nn.Module, recip
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
+        staging.chmod(0o777 & ~_current_umask())  # mkdtemp makes it 0700, whatever the umask
         shutil.copyfile(scratch / "model.onnx", staging / "model.onnx")
         save_compressed(compressed, staging / "model.pt", architecture, replacement_specs(compressed))
         (staging / "recipe.resolved.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
