@@ -3,7 +3,8 @@
 Exit codes: 0 success, 2 bad input (recipe, model file, data), 3 a check failed (ONNX parity,
 a broken compressed model, a diverged fine-tune), 1 internal error, 130 interrupted. Errors go
 to stderr as one line; the result table goes to stdout. When a run that saved a fine-tuning
-checkpoint stops early, that line also names the work folder and the command that resumes the run.
+checkpoint stops early, that line also names the work folder and the command that resumes the run,
+or after a failed check the command that starts over.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from slimmer.errors import FinetuneInterrupted, InputError, SlimmerError
+from slimmer.errors import CheckFailedError, FinetuneInterrupted, InputError, SlimmerError
 
 logger = logging.getLogger("slimmer")
 
@@ -54,14 +55,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     arguments.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in arguments.overrides]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = ""
+        if any(not item.startswith("-") for item in unknown):
+            hint = "; recipe overrides are written key=value, for example seed=1"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return arguments
 
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:
     level = logging.INFO
     if quiet:
-        level = logging.WARNING
+        level = logging.ERROR
     elif verbose:
         level = logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
@@ -114,10 +118,20 @@ def _run_apply(arguments: argparse.Namespace) -> int:
 
 
 def _partial_work_note(error: BaseException, argv: list[str]) -> str:
-    """Say where the partial work of a stopped run is and how to resume it; empty when there is none."""
+    """Say where the partial work of a stopped run is and how to go on; empty when there is none.
+
+    An interrupt or a crash is resumed. A failed check, such as a diverged fine-tune, usually needs
+    other step settings, which a resume rejects, so that note gives the command that starts over.
+    """
     folder = getattr(error, "partial_work", None)
     if folder is None:
         return ""
+    if isinstance(error, CheckFailedError):
+        command = [item for item in argv if item != "--resume"]
+        if "--force" not in command:
+            command.append("--force")
+        return (f"; after fixing the cause, start over with --force, which discards the partial work in {folder}: "
+                f"slimmer {shlex.join(command)}")
     command = argv if "--resume" in argv else [*argv, "--resume"]
     return f"; partial work is in {folder}; resume with: slimmer {shlex.join(command)}"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import shutil
 import sys
@@ -131,7 +132,11 @@ def run_steps(model: nn.Module, teacher: nn.Module, context: RunContext) -> tupl
             images = None
             if step.decompose.form == "auto" or step.decompose.target is not None:
                 images = calibration_images(context, step.decompose.calibration_images)
-            result = decompose(model, step.decompose, context.example_input, inplace=True, calibration_inputs=images)
+            config = step.decompose
+            if config.target is not None and config.target.latency_cache is not None:
+                cache = str(context.recipe.resolve_path(config.target.latency_cache))
+                config = config.model_copy(update={"target": config.target.model_copy(update={"latency_cache": cache})})
+            result = decompose(model, config, context.example_input, inplace=True, calibration_inputs=images)
         elif isinstance(step, RefitStep):
             images = calibration_images(context, step.refit.images)
             result = refit(model, teacher, step.refit, images, inplace=True)
@@ -320,7 +325,7 @@ def _run(model: nn.Module, recipe: Recipe, output_dir: Path | None, progress: bo
         "macs_counted": "convolutions and linear layers; one MAC is one multiply-add, per sample",
         **({"sensitivity": [row for rows in sensitivity for row in rows]} if sensitivity else {}),
         "environment": environment(),
-        "recipe_resolved": recipe.model_dump(mode="json"),
+        "recipe_resolved": recipe.dump_with_absolute_paths(),
         "resumed_from": None if saved is None else {"step": f"steps[{saved.step_index}]",
                                                      "finetune_step": saved.finetune["step"]},
     }
@@ -364,6 +369,13 @@ def _export_and_measure(original: nn.Module, compressed: nn.Module, parity_input
         context.timings_s["latency"] = time.perf_counter() - started
 
 
+def _current_umask() -> int:
+    """Return the process's umask; os.umask reads it only by replacing it, so it is put back at once."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _write_outputs(output_dir: Path, scratch: Path, compressed: nn.Module, recipe: Recipe, report: dict[str, Any],
                    architecture: dict[str, Any] | None) -> None:
     """Write every artifact into a temporary sibling folder, then move it into place in one rename."""
@@ -371,6 +383,7 @@ def _write_outputs(output_dir: Path, scratch: Path, compressed: nn.Module, recip
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
+        staging.chmod(0o777 & ~_current_umask())  # mkdtemp makes it 0700, whatever the umask
         shutil.copyfile(scratch / "model.onnx", staging / "model.onnx")
         save_compressed(compressed, staging / "model.pt", architecture, replacement_specs(compressed))
         (staging / "recipe.resolved.yaml").write_text(recipe.to_yaml(), encoding="utf-8")

@@ -9,6 +9,7 @@ Relative paths in a recipe are resolved against the folder that contains the rec
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from slimmer.errors import RecipeError
 
 RECIPE_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -67,7 +70,8 @@ class TargetConfig(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = Field(32, description="batch size of the latency measurements")
     threads: Annotated[int, Field(gt=0)] = Field(1, description="onnxruntime intra-op threads of the latency measurements")
     latency_cache: str | None = Field(
-        None, description="JSON file of per-layer latencies; default ~/.cache/slimmer/ or $SLIMMER_CACHE_DIR")
+        None, description="JSON file of per-layer latencies, relative to the recipe's folder; default "
+                          "~/.cache/slimmer/latency.json or $SLIMMER_CACHE_DIR/latency.json")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetConfig:
@@ -300,8 +304,23 @@ class Recipe(_Strict):
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else (Path(self.base_dir) / candidate).resolve()
 
+    def dump_with_absolute_paths(self) -> dict[str, Any]:
+        """Return the recipe as JSON data with ``model.python_path`` and each ``image_folder`` made absolute.
+
+        Relative paths start at the recipe's folder, so a copy saved elsewhere, such as
+        ``recipe.resolved.yaml`` in an output folder, needs them absolute to apply the same way.
+        """
+        resolved = self.model_dump(mode="json")
+        resolved["model"]["python_path"] = [str(self.resolve_path(folder)) for folder in self.model.python_path]
+        for name in ("train", "calibration", "val"):
+            dataset = resolved["data"].get(name)
+            if dataset is not None and dataset["image_folder"] is not None:
+                dataset["image_folder"] = str(self.resolve_path(dataset["image_folder"]))
+        return resolved
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """Return the recipe as YAML, with its paths absolute (see :meth:`dump_with_absolute_paths`)."""
+        return yaml.safe_dump(self.dump_with_absolute_paths(), sort_keys=False)
 
 
 def _known_keys(model: type[BaseModel]) -> list[str]:
@@ -377,6 +396,12 @@ def _validate_steps(raw_steps: Any, problems: list[str]) -> list[Any] | None:
             checked.append(STEP_TYPES[kind].model_validate(step))
         except ValidationError as error:
             problems.extend(_describe(error, step, prefix=("steps", index)))
+            continue
+        # Both are allowed, because overriding steps is the usual way to shorten a recipe that gives epochs.
+        config = getattr(checked[-1], "finetune", None)
+        if config is not None and config.epochs is not None and config.steps is not None:
+            logger.warning("steps[%d].finetune gives both epochs (%g) and steps (%d): it trains for %d steps and "
+                           "ignores epochs; remove one of them", index, config.epochs, config.steps, config.steps)
     return checked
 
 
@@ -505,9 +530,22 @@ def apply_overrides(raw: Any, overrides: list[str]) -> Any:
         key, separator, text = override.partition("=")
         if not separator or not key:
             raise RecipeError([f"override {override!r} is not key=value (for example seed=1)"], "override")
-        value = yaml.safe_load(text) if text else None
-        _set_path(raw, key, value, override)
+        _set_path(raw, key, _override_value(text, override), override)
     return raw
+
+
+def _override_value(text: str, override: str) -> Any:
+    """Parse the value of an override as YAML; an empty value is null."""
+    if not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+        detail = ": ".join(part for part in parts if part) or " ".join(str(error).split())
+        raise RecipeError([f"override {override!r}: the value {text!r} is not valid YAML ({detail}); close its "
+                           "brackets, braces and quotes, or put a string that starts with one of them in YAML quotes, "
+                           "as in 'name=\"[draft]\"'"], "override") from None
 
 
 def _set_path(raw: dict[str, Any], key: str, value: Any, override: str) -> None:

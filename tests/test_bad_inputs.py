@@ -225,6 +225,14 @@ def override_missing_item(space: Workspace) -> list[str]:
     return space.arguments(None, None, "steps[7].prune.ratio=0.5")
 
 
+def override_unclosed_brace(space: Workspace) -> list[str]:
+    return space.arguments(None, None, "seed={a")
+
+
+def override_unclosed_list(space: Workspace) -> list[str]:
+    return space.arguments(None, None, "steps[0].decompose.rank.ratio=[1,")
+
+
 # Data.
 
 def missing_image_folder(space: Workspace) -> list[str]:
@@ -300,6 +308,8 @@ BAD_INPUTS = {
     "override_unknown_key": BadInput(override_unknown_key, "steps[0].decompose.rnak: unknown key"),
     "override_wrong_type": BadInput(override_wrong_type, "seed: Input should be a valid integer", process=True),
     "override_missing_item": BadInput(override_missing_item, "no list item [7] in the recipe"),
+    "override_unclosed_brace": BadInput(override_unclosed_brace, "override 'seed={a': the value '{a' is not valid YAML"),
+    "override_unclosed_list": BadInput(override_unclosed_list, "the value '[1,' is not valid YAML", process=True),
     "missing_image_folder": BadInput(missing_image_folder, "data.val.image_folder not found"),
     "empty_image_folder": BadInput(empty_image_folder, "is not an ImageFolder (one sub-folder per class)"),
     "corrupt_image": BadInput(corrupt_image, "broken.png: unknown or corrupt image format", process=True),
@@ -351,3 +361,29 @@ def test_cases_distinct() -> None:
 
 def test_some_cases_as_processes() -> None:
     assert sum(case.process for case in BAD_INPUTS.values()) >= 5
+
+
+@pytest.mark.parametrize("override", ["seed={a", 'seed="x', "seed='x", "steps[0].decompose.rank.ratio=[1,"])
+def test_validate_rejects_invalid_yaml_override(override: str, tmp_path: Path, run_cli) -> None:
+    recipe = write_yaml(tmp_path / "recipe.yaml", digits_recipe())
+
+    result = run_cli("validate", recipe, override)
+
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == ""
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert result.stderr_lines[0].startswith(f"slimmer: error: invalid override: override {override!r}: the value ")
+    assert "is not valid YAML" in result.stderr_lines[0]
+    assert "close its brackets, braces and quotes" in result.stderr_lines[0]
+
+
+def test_override_without_equals_rejected(tmp_path: Path, digits_checkpoint: Path) -> None:
+    space = Workspace(tmp_path, digits_checkpoint)
+
+    completed = run_cli_process(*space.arguments(None, None, "seed"), cwd=tmp_path)
+
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stdout == ""
+    assert completed.stderr.strip().splitlines()[-1] == ("slimmer: error: unrecognized arguments: seed; recipe "
+                                                         "overrides are written key=value, for example seed=1")
+    assert not space.output.exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import textwrap
 from pathlib import Path
@@ -12,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
+from PIL import Image
 from torch import nn
 
 import slimmer
@@ -330,3 +334,59 @@ def test_api_existing_output_needs_force(tmp_path: Path, trained_digits: nn.Modu
     slimmer.apply(trained_digits, recipe, output_dir=output, force=True)
     assert (output / "report.json").is_file()
     assert not (output / "keep.txt").exists()
+
+
+def test_quiet_hides_warnings(tmp_path: Path, digits_checkpoint: Path, run_cli) -> None:
+    # Without steps, nothing is decomposed or pruned, which the run reports as a warning.
+    recipe = write_yaml(tmp_path / "recipe.yaml", digits_recipe(data={}, steps=[]))
+
+    loud = run_cli("apply", recipe, digits_checkpoint, "-o", tmp_path / "loud")
+    quiet = run_cli("apply", recipe, digits_checkpoint, "-o", tmp_path / "quiet", "--quiet")
+
+    assert loud.exit_code == 0, loud.stderr
+    assert "WARNING slimmer.pipeline: No layer was decomposed or pruned" in loud.stderr
+    assert quiet.exit_code == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert quiet.stdout == ""
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_output_modes_follow_umask(tmp_path: Path, trained_digits: nn.Module, umask: int, folder_mode: int,
+                                   file_mode: int) -> None:
+    recipe = digits_recipe(data={}, steps=[{"decompose": {"rank": {"ratio": 0.5}}}])
+    output = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        slimmer.apply(trained_digits, recipe, output_dir=output, progress=False)
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE(output.stat().st_mode) == folder_mode
+    for path in output.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path.name
+
+
+def test_resolved_recipe_reruns_elsewhere(tmp_path: Path, digits_checkpoint: Path, run_cli,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for index in range(2):
+        (tmp_path / "images" / f"class{index}").mkdir(parents=True)
+        Image.new("L", (8, 8), color=60 * index).save(tmp_path / "images" / f"class{index}" / "0.png")
+    # Two levels down, so that the relative paths name no folder when read from the output folder.
+    (tmp_path / "recipes" / "digits").mkdir(parents=True)
+    recipe = digits_recipe(data={"val": {"image_folder": "../../images", "transform": ["grayscale", "to_tensor"]}},
+                           steps=[{"decompose": {"rank": {"ratio": 0.5}}}])
+    recipe["model"]["python_path"] = [os.path.relpath(REPOSITORY, tmp_path / "recipes" / "digits")]
+    path = write_yaml(tmp_path / "recipes" / "digits" / "recipe.yaml", recipe)
+    monkeypatch.chdir(tmp_path)
+
+    first = run_cli("apply", path, digits_checkpoint, "-o", tmp_path / "first", "--quiet")
+    resolved = yaml.safe_load((tmp_path / "first" / "recipe.resolved.yaml").read_text(encoding="utf-8"))
+    monkeypatch.chdir(tmp_path / "first")
+    second = run_cli("apply", "recipe.resolved.yaml", digits_checkpoint, "-o", tmp_path / "second", "--quiet")
+
+    assert first.exit_code == 0, first.stderr
+    assert resolved["model"]["python_path"] == [str(REPOSITORY)]
+    assert resolved["data"]["val"]["image_folder"] == str((tmp_path / "images").resolve())
+    assert read_report(tmp_path / "first")["recipe_resolved"] == resolved
+    assert second.exit_code == 0, second.stderr
+    assert read_report(tmp_path / "second")["recipe_resolved"] == resolved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,38 @@ def test_override_rejects(override: str, fragment: str) -> None:
         apply_overrides(base_raw(), [override])
 
     assert fragment in str(raised.value)
+
+
+def test_finetune_epochs_and_steps_warns(caplog: pytest.LogCaptureFixture) -> None:
+    raw = apply_overrides(base_raw(), ["steps[1].finetune.steps=2"])
+
+    with caplog.at_level(logging.WARNING, logger="slimmer.recipe"):
+        recipe = recipe_from_dict(raw)
+
+    assert recipe.steps[1].finetune.steps == 2
+    assert [record.getMessage() for record in caplog.records] == [
+        "steps[1].finetune gives both epochs (1) and steps (2): it trains for 2 steps and ignores epochs; "
+        "remove one of them"]
+
+
+def test_finetune_epochs_alone_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="slimmer.recipe"):
+        recipe_from_dict(base_raw())
+
+    assert caplog.records == []
+
+
+def test_resolved_recipe_paths_absolute(tmp_path: Path) -> None:
+    raw = {"model": {"python_path": ["..", "/opt/models"]},
+           "data": {"train": {"image_folder": "images/train"}, "val": {"callable": "examples.digits:digits_dataset"}}}
+    recipe = recipe_from_dict(raw, base_dir=tmp_path / "recipes")
+
+    resolved = yaml.safe_load(recipe.to_yaml())
+
+    assert resolved["model"]["python_path"] == [str(tmp_path.resolve()), "/opt/models"]
+    assert resolved["data"]["train"]["image_folder"] == str((tmp_path / "recipes" / "images" / "train").resolve())
+    assert resolved["data"]["val"]["image_folder"] is None
+    assert recipe.model.python_path == ["..", "/opt/models"]
 
 
 def test_load_recipe_validates_overrides(tmp_path: Path) -> None:

@@ -495,9 +495,10 @@ def test_ctrl_c_then_resume(digits_checkpoint: Path, tmp_path: Path, run_cli) ->
     assert (output / "model.onnx").read_bytes() == (tmp_path / "baseline" / "model.onnx").read_bytes()
 
 
-def test_diverged_finetune_names_partial_work(digits_checkpoint: Path, tmp_path: Path, run_cli) -> None:
+@pytest.mark.parametrize("lr", [1.0e+6, 1.0e+12])
+def test_diverged_finetune_says_start_over(digits_checkpoint: Path, tmp_path: Path, run_cli, lr: float) -> None:
     recipe = digits_recipe()
-    recipe["steps"][2] = {"finetune": {"steps": 50, "batch_size": 16, "optimizer": "sgd", "lr": 1.0e+12}}
+    recipe["steps"][2] = {"finetune": {"steps": 50, "batch_size": 16, "optimizer": "sgd", "lr": lr}}
     path = write_yaml(tmp_path / "recipe.yaml", recipe)
     output = tmp_path / "out"
 
@@ -506,6 +507,31 @@ def test_diverged_finetune_names_partial_work(digits_checkpoint: Path, tmp_path:
     assert result.exit_code == 3
     assert len(result.stderr_lines) == 1, result.stderr
     assert result.stderr_lines[0].startswith("slimmer: error: fine-tuning diverged")
-    assert result.stderr_lines[0].endswith(f"; partial work is in {work_dir(output)}; resume with: slimmer apply "
-                                           f"{path} {digits_checkpoint} -o {output} --quiet --resume")
+    assert "lower finetune.lr" in result.stderr_lines[0]
+    assert result.stderr_lines[0].endswith(f"; after fixing the cause, start over with --force, which discards the "
+                                           f"partial work in {work_dir(output)}: slimmer apply {path} "
+                                           f"{digits_checkpoint} -o {output} --quiet --force")
+    assert "--resume" not in result.stderr
     assert not output.exists()
+
+    recipe["steps"][2]["finetune"]["lr"] = 0.001
+    write_yaml(path, recipe)
+    start_over = shlex.split(result.stderr_lines[0].rsplit(": slimmer ", 1)[1])
+    rerun = run_cli(*start_over)
+
+    assert rerun.exit_code == 0, rerun.stderr
+    assert sorted(child.name for child in output.iterdir()) == sorted(OUTPUT_FILES)
+    assert not work_dir(output).exists()
+
+
+def test_diverged_finetune_resume_note_dropped(digits_checkpoint: Path, tmp_path: Path, run_cli) -> None:
+    recipe = digits_recipe()
+    recipe["steps"][2] = {"finetune": {"steps": 50, "batch_size": 16, "optimizer": "sgd", "lr": 1.0e+6}}
+    path = write_yaml(tmp_path / "recipe.yaml", recipe)
+    output = tmp_path / "out"
+    assert run_cli("apply", path, digits_checkpoint, "-o", output, "--quiet").exit_code == 3
+
+    result = run_cli("apply", path, digits_checkpoint, "-o", output, "--quiet", "--resume")
+
+    assert result.exit_code == 3
+    assert result.stderr_lines[0].endswith(f"-o {output} --quiet --force")
