@@ -2,12 +2,13 @@
 
     python bench/bench_plan.py            # writes bench/out/plan-comparison.json
 
-Variants, all with every 3x3 convolution of the residual stages as Tucker-2 bottlenecks whose
-ranks are multiples of 8:
+Variants, all over every 3x3 convolution of the residual stages, with bottleneck ranks that are
+multiples of 8:
 
-- planned: ranks from the budget planner for 0.5 of the original MACs, as the recipe
+- planned: forms and ranks from the budget planner for 0.5 of the original MACs, as the recipe
   recipes/resnet56-target-macs.yaml plans them (layer errors weighed by their effect on the
   model output);
+- planned with bottlenecks only (no separable options);
 - planned on layer errors alone (``weigh_by_output: false``);
 - uniform: one rank ratio for every layer, chosen so the MACs come closest to the planned ones.
 
@@ -18,6 +19,7 @@ bench/bench_resnet.py reads the JSON into docs/results.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -94,6 +96,13 @@ def main() -> int:
     planned = {layer.name: dict(layer.chosen.settings) for layer in layers}
     planned_total = planned_macs(layers, fixed)
 
+    bottleneck_layers = [dataclasses.replace(layer, options=[option for option in layer.options
+                                                             if option.form != "separable"])
+                         for layer in layers]
+    allocate(bottleneck_layers, "macs", total, TARGET * total)
+    bottleneck_only = {layer.name: dict(layer.chosen.settings) for layer in bottleneck_layers}
+    bottleneck_total = planned_macs(bottleneck_layers, fixed)
+
     def uniform_macs(ratio: float) -> int:
         uniform_choice(layers, ratio, 8)
         return planned_macs(layers, fixed)
@@ -118,7 +127,8 @@ def main() -> int:
         print(row, flush=True)
         results["variants"].append(row)
 
-    variants = (("planned", planned, planned_total), ("planned on layer errors alone", layer_errors_only, layer_errors_total),
+    variants = (("planned", planned, planned_total), ("planned, bottlenecks only", bottleneck_only, bottleneck_total),
+                ("planned on layer errors alone", layer_errors_only, layer_errors_total),
                 (f"uniform ratio {best_ratio}", uniform, uniform_total))
     for label, choice, macs in variants:
         for layer in layers:
