@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 MAX_RANKS_PER_MODE = 16
 # Rounds of planning, measuring and tightening for a latency target.
 LATENCY_ROUNDS = 3
+# A latency plan aims this share below the target, because a fresh measurement of the same model
+# varies by about 1 to 2% between runs on a shared machine (bench/bench_resnet.py records).
+LATENCY_MARGIN = 0.02
 MODEL_LATENCY_RUNS = 50
 
 
@@ -382,9 +385,12 @@ def _meet_latency(plan: Plan, original_model: nn.Module, model: nn.Module, examp
 
     Per-layer latencies do not add up exactly to a model's (fused batch norm and activations,
     caches), so the plan is checked on the whole exported model and re-allocated with the budget
-    scaled by the measured shortfall, for at most ``LATENCY_ROUNDS`` rounds.
+    scaled by the measured shortfall, for at most ``LATENCY_ROUNDS`` rounds. Every round aims
+    ``LATENCY_MARGIN`` below the target.
     """
-    goal = plan.target_share
+    goal = plan.target_share * (1 - LATENCY_MARGIN)
+    if abs(goal * plan.original_cost - plan.planned_cost) > 1e-9 and plan.smallest_cost <= goal * plan.original_cost:
+        plan.planned_cost = allocate(plan.layers, plan.metric, plan.original_cost, goal * plan.original_cost)
     for round_index in range(LATENCY_ROUNDS):
         candidate = build_planned(copy.deepcopy(model), plan.layers)
         timings = _model_latency({"original": original_model, "planned": candidate}, example_input, target, seed)
@@ -393,14 +399,16 @@ def _meet_latency(plan: Plan, original_model: nn.Module, model: nn.Module, examp
         plan.measured_share = measured
         logger.info("Latency round %d: planned %.3f, measured %.3f of the original (target %.3f)",
                     round_index + 1, plan.planned_share, measured, plan.target_share)
-        if measured <= plan.target_share:
+        if measured <= plan.target_share * (1 - LATENCY_MARGIN):
             return
         if round_index + 1 == LATENCY_ROUNDS:
+            if measured <= plan.target_share:
+                return
             logger.warning("The planned model measures %.3f of the original latency, above the target %.3f, after "
                            "%d rounds; lower the target or measure with more runs", measured, plan.target_share,
                            LATENCY_ROUNDS)
             return
-        goal *= plan.target_share / measured
+        goal *= plan.target_share * (1 - LATENCY_MARGIN) / measured
         if plan.smallest_cost > goal * plan.original_cost:
             logger.warning("The latency target needs more than the cheapest options give; keeping the cheapest plan")
             goal = plan.smallest_cost / plan.original_cost
