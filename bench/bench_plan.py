@@ -12,8 +12,8 @@ multiples of 8:
 - planned on layer errors alone (``weigh_by_output: false``);
 - uniform: one rank ratio for every layer, chosen so the MACs come closest to the planned ones.
 
-Each variant is measured with data-aware initialization alone and after the recipe's refit step;
-the uniform ratio also with the data-free initialization of HOSVD on the weights.
+Each variant is measured with data-aware initialization alone and after the recipe's refit step.
+The uniform ratio is also measured with the data-free initialization of HOSVD on the weights.
 bench/bench_resnet.py reads the JSON into docs/results.md.
 """
 

@@ -1,8 +1,8 @@
 """Measured onnxruntime latency of single layers, cached on disk per machine.
 
 A latency budget needs the cost of every option of every layer. Each distinct layer (its
-structure, input shape, batch size and thread count) is exported alone to ONNX and timed once;
-the median goes into a JSON file keyed by the processor and the onnxruntime version, so later
+structure, input shape, batch size and thread count) is exported alone to ONNX and timed once.
+The median goes into a JSON file keyed by the processor and the onnxruntime version, so later
 runs on the same machine reuse it.
 """
 

@@ -125,7 +125,7 @@ def test_target_reached_within_three_percent(resnet20, cifar_input, cifar_images
     assert plan["calibration"] == "64 calibration images"
 
 
-def test_plan_puts_ranks_where_error_is_low(resnet20, cifar_input, cifar_images):
+def test_plan_varies_ranks_across_layers(resnet20, cifar_input, cifar_images):
     """Layers do not all get one rank ratio: the planner spends rank where the output error is high."""
     config = DecomposeConfig(target={"macs": 0.5}, round_to=8, calibration_images=64)
     result = decompose(resnet20, config, cifar_input, calibration_inputs=cifar_images)
