@@ -306,7 +306,8 @@ def _producer_names(group: Any, graph: tp.DependencyGraph, scope_module: nn.Modu
 
 def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, config: PruneConfig,
                   importance: tp.importance.Importance, scope_input: torch.Tensor, shared: set[str],
-                  unreached: list[_Unreached], log_level: int = logging.WARNING) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
+                  unreached: list[_Unreached],
+                  log_level: int = logging.WARNING) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
     """Prune one group and check it against the masked model; log a group kept out at ``log_level``.
 
     Returns the model (a restored copy when a whole-model group was rolled back), the record, and
@@ -469,8 +470,9 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
 
     A group is the set of layers whose channels must be removed together, such as every layer that
     adds into one residual stream. Each group is pruned once, through the first target in it, and
-    its other targets are listed as skipped. Channel counts kept are multiples of ``config.round_to`` and never 0. Layers called more than
-    once or holding weights shared with another module are skipped. Parameters with
+    its other targets are listed as skipped. Channel counts kept are multiples of ``config.round_to``
+    and never 0. Layers called more than once or holding weights shared with another module are
+    skipped. Parameters with
     ``requires_grad=False`` stay frozen. When torch-pruning cannot trace the whole model, each
     1x1 target is pruned inside the smallest enclosing module it can trace that holds the target's
     whole group. The returned model is checked by a forward pass: output shapes must equal the
