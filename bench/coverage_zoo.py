@@ -279,6 +279,8 @@ REASON_LABELS = (
     ("torch-pruning cannot map", "torch-pruning cannot map the group"),
     ("torch-pruning could not build the dependency graph", "whole graph not traceable"),
     ("torch-pruning could not trace", "bottleneck not traceable"),
+    ("its channel group was already pruned", "group already pruned"),
+    ("the example input never reached", "beside a path not taken"),
 )
 
 

@@ -77,13 +77,26 @@ def _check_output_layout(expected: list[tuple[str, np.ndarray]], found: list[np.
                                    f"{list(reference.shape)} in PyTorch; the export is not trustworthy")
 
 
+UNREACHED_PATH_HINT = ("the likely cause is a layer on a path the example input did not reach, such as a branch "
+                      "of data-dependent control flow, that a step changed to fit only the path taken; exclude "
+                      "those layers from the steps (exclude patterns) or drop the prune step")
+
+
+def compressed_model_failure(what: str, error: BaseException) -> CheckFailedError:
+    """Build the one-line error for a compressed model (PyTorch or ONNX) that fails on inputs other than the example."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckFailedError(f"{what} fails on the parity or validation inputs ({type(error).__name__}: {detail}); "
+                            f"{UNREACHED_PATH_HINT}; no artifacts were written")
+
+
 def check_parity(onnx_path: str | Path, model: nn.Module, inputs: torch.Tensor, atol: float, rtol: float,
                  batch_size: int = 32) -> dict[str, Any]:
     """Compare onnxruntime with PyTorch on ``inputs (N, ...)``; raise CheckFailedError past the tolerance.
 
     Passes when every element of every output tensor satisfies ``|onnx - torch| <= atol + rtol * |torch|``.
     Outputs are matched in the order of :func:`slimmer.cost.named_output_tensors`, and a different
-    number of outputs or a different shape raises CheckFailedError too.
+    number of outputs or a different shape raises CheckFailedError too, and so does an error of
+    either model on ``inputs``.
     """
     import onnxruntime as ort
 
@@ -94,9 +107,18 @@ def check_parity(onnx_path: str | Path, model: nn.Module, inputs: torch.Tensor, 
     worst_excess = 0.0
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start:start + batch_size]
-        with torch.no_grad():
-            expected = [(name, tensor.detach().cpu().numpy()) for name, tensor in named_output_tensors(model(batch))]
-        found = session.run(None, {INPUT_NAME: batch.numpy()})
+        try:
+            with torch.no_grad():
+                output = model(batch)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise compressed_model_failure("the compressed PyTorch model", error) from error
+        expected = [(name, tensor.detach().cpu().numpy()) for name, tensor in named_output_tensors(output)]
+        try:
+            found = session.run(None, {INPUT_NAME: batch.numpy()})
+        # onnxruntime raises its own exception types (Fail, InvalidArgument, RuntimeException), none of
+        # which derives from a common public base other than Exception.
+        except Exception as error:  # noqa: BLE001
+            raise compressed_model_failure("the exported ONNX model", error) from error
         _check_output_layout(expected, found)
         for (_, reference), candidate in zip(expected, found):
             difference = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))

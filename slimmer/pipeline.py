@@ -28,7 +28,7 @@ from slimmer.data import build_dataset, check_label_range, check_sample_shape, e
 from slimmer.decompose import decompose
 from slimmer.decompose.refit import refit
 from slimmer.errors import CheckFailedError, InputError
-from slimmer.export import check_parity, export_onnx
+from slimmer.export import check_parity, compressed_model_failure, export_onnx
 from slimmer.finetune import FinetuneState, finetune
 from slimmer.model_io import load_compressed, replacement_specs, save_compressed
 from slimmer.graph import default_input_shape
@@ -311,7 +311,10 @@ def _run(model: nn.Module, recipe: Recipe, output_dir: Path | None, progress: bo
     if not any(result.changed for result in results if result.pass_name in ("decompose", "prune")):
         logger.warning("No layer was decomposed or pruned; check the steps' include patterns and the skipped list")
     _check_outputs_match(original, compressed, example_input)
-    compressed_summary, compressed_macs = _model_summary(compressed, example_input, val_loader)
+    try:
+        compressed_summary, compressed_macs = _model_summary(compressed, example_input, val_loader)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise compressed_model_failure("the compressed PyTorch model", error) from error
 
     sensitivity = [result.stats.pop("sensitivity") for result in results if "sensitivity" in result.stats]
     report: dict[str, Any] = {

@@ -5,7 +5,11 @@ it is kept: the pruned model must compute the same output as the unpruned model 
 channels zeroed ("masked"). torch-pruning does not model every operation, such as a shortcut that
 zero-pads channels with ``F.pad``. A group that passes through such an operation fails the check,
 is rolled back and is reported as skipped, and so is a group whose channels reach the model
-output. A final forward pass checks the output shapes.
+output. A group is also skipped when a module the example input never reached (a branch of
+data-dependent control flow, for example) takes or gives as many channels as the group and sits
+beside one of its layers, because the trace cannot show whether that module shares the channels.
+Each channel group is pruned at most once per pass, so a residual stream shared by several 1x1
+targets loses ``ratio`` of its channels once. A final forward pass checks the output shapes.
 
 The internal channels of a bottleneck never leave it, so torch-pruning traces each bottleneck on
 its own, on the input it receives in the model, and the check runs on that bottleneck alone.
@@ -63,6 +67,61 @@ def _shared_names(model: nn.Module, shapes: dict[str, LayerShape]) -> set[str]:
     shared = shared_modules(model) | modules_with_shared_parameters(model)
     return {name for name, module in model.named_modules()
             if id(module) in shared or (name in shapes and shapes[name].calls > 1)}
+
+
+@dataclass
+class _Unreached:
+    """An outermost module the example input never reached, with the channels it takes and gives.
+
+    The channel counts are those of its first and last convolution or linear layer.
+    """
+
+    name: str
+    parent: str
+    in_channels: int
+    out_channels: int
+
+
+def _channel_counts(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return None
+
+
+def _unreached_modules(model: nn.Module, shapes: dict[str, LayerShape]) -> list[_Unreached]:
+    """List the outermost modules that hold a convolution or linear layer and did not run on the example input.
+
+    A container such as ``nn.ModuleList`` is never called itself, so a module counts as reached when
+    it or any module inside it ran.
+    """
+    reached = {ancestor for name in shapes for ancestor in [name, *enclosing_modules(name)]}
+    unreached = []
+    for name, module in model.named_modules():
+        parent = name.rpartition(".")[0]
+        if not name or name in reached or (parent and parent not in reached):
+            continue
+        counts = [count for inner in module.modules() if (count := _channel_counts(inner)) is not None]
+        if counts:
+            unreached.append(_Unreached(name, parent, counts[0][0], counts[-1][1]))
+    return unreached
+
+
+def _unreached_reason(coupled: list[str], channels: int, unreached: list[_Unreached]) -> str | None:
+    """Explain why a group of ``channels`` channels may reach a module the example input never ran, else None.
+
+    The trace holds only the modules that ran, so a module on a path not taken is counted as a
+    possible member when it sits in a module that also holds a layer of the group and takes or
+    gives ``channels`` channels.
+    """
+    for module in unreached:
+        beside = not module.parent or any(name.startswith(module.parent + ".") for name in coupled)
+        if beside and channels in (module.in_channels, module.out_channels):
+            return (f"the example input never reached {module.name}, which takes or gives {channels} channels and "
+                    "may share this channel group (data-dependent control flow, for example); pruning could break "
+                    "inputs that take that path")
+    return None
 
 
 def _not_prunable_reason(name: str, shape: LayerShape | None, shared: set[str]) -> str | None:
@@ -237,8 +296,17 @@ def _coupled_names(group: Any, scope_module: nn.Module, scope: str) -> list[str]
                    if dep.target.module in names})
 
 
+def _producer_names(group: Any, graph: tp.DependencyGraph, scope_module: nn.Module, scope: str) -> list[str]:
+    """Qualified names of the modules in ``group`` whose output channels it removes."""
+    names = {module: name for name, module in scope_module.named_modules()}
+    prefix = f"{scope}." if scope else ""
+    return sorted({(prefix + names[dep.target.module]).rstrip(".") for dep, _ in group
+                   if dep.target.module in names and graph.is_out_channel_pruning_fn(dep.handler)})
+
+
 def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, config: PruneConfig,
                   importance: tp.importance.Importance, scope_input: torch.Tensor, shared: set[str],
+                  unreached: list[_Unreached],
                   log_level: int = logging.WARNING) -> tuple[nn.Module, LayerChange | LayerSkip, bool]:
     """Prune one group and check it against the masked model; log a group kept out at ``log_level``.
 
@@ -272,6 +340,11 @@ def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, 
     if shared_coupled:
         return model, LayerSkip(target.root, f"its channel group includes {', '.join(shared_coupled)}, "
                                              f"{SHARED_REASON}"), False
+    unreached_reason = _unreached_reason(coupled, channels, unreached)
+    if unreached_reason is not None:
+        logger.log(log_level, "Kept %s out of pruning: %s", target.root, unreached_reason)
+        return model, LayerSkip(target.root, unreached_reason), False
+    producers = _producer_names(group, graph, scope_module, target.scope)
 
     # The check runs on the traced module alone: the bottleneck, or the whole model.
     expected = _masked_output(scope_module, group, scope_input)
@@ -299,7 +372,8 @@ def _prune_target(model: nn.Module, target: _Target, graph: tp.DependencyGraph, 
     logger.info("Pruned %s: %d -> %d channels", target.root, channels, keep)
     return model, LayerChange(
         target.owner, before=f"{target.root}: {channels} channels", after=f"{keep} channels",
-        details={"root": target.root, "channels_before": channels, "channels_after": keep, "coupled": coupled},
+        details={"root": target.root, "channels_before": channels, "channels_after": keep, "coupled": coupled,
+                 "producers": producers},
     ), False
 
 
@@ -319,6 +393,7 @@ class _Pruner:
         self.importance = _importance(config)
         self.shapes = shapes
         self.shared = shared
+        self.unreached = _unreached_modules(model, shapes)
         self.example_input = example_input
         self.inputs: dict[str, torch.Tensor] = {WHOLE_MODEL: example_input}
         self.graphs: dict[str, tp.DependencyGraph | str] = {}
@@ -343,7 +418,8 @@ class _Pruner:
         if isinstance(graph, str):
             return None
         self.model, record, rolled_back = _prune_target(self.model, target, graph, self.config, self.importance,
-                                                        self.inputs[target.scope], self.shared, log_level)
+                                                        self.inputs[target.scope], self.shared, self.unreached,
+                                                        log_level)
         if rolled_back or isinstance(record, LayerChange):
             self.forget_graphs(target.scope, including_own=rolled_back)
         return record
@@ -392,8 +468,11 @@ class _Pruner:
 def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, inplace: bool = False) -> PassResult:
     """Prune a ``config.ratio`` share of the channels of each selected 1x1 group, lowest importance first.
 
-    Channel counts kept are multiples of ``config.round_to`` and never 0. Layers called more than
-    once or holding weights shared with another module are skipped. Parameters with
+    A group is the set of layers whose channels must be removed together, such as every layer that
+    adds into one residual stream. Each group is pruned once, through the first target in it, and
+    its other targets are listed as skipped. Channel counts kept are multiples of ``config.round_to``
+    and never 0. Layers called more than once or holding weights shared with another module are
+    skipped. Parameters with
     ``requires_grad=False`` stay frozen. When torch-pruning cannot trace the whole model, each
     1x1 target is pruned inside the smallest enclosing module it can trace that holds the target's
     whole group. The returned model is checked by a forward pass: output shapes must equal the
@@ -411,7 +490,12 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
 
     pruner = _Pruner(model, config, example_input, shapes, shared)
     pruner.capture(sorted({target.scope for target in targets} - {WHOLE_MODEL}))
+    pruned_through: dict[str, str] = {}
     for target in targets:
+        if target.root in pruned_through:
+            result.skipped.append(LayerSkip(target.root, f"its channel group was already pruned through "
+                                                         f"{pruned_through[target.root]} in this step"))
+            continue
         record = pruner.prune_in(target)
         if record is None:
             reason = pruner.graph(target.scope)
@@ -422,6 +506,8 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
                 record = LayerSkip(target.root, reason)
         if isinstance(record, LayerChange):
             result.changed.append(record)
+            for name in record.details["producers"]:
+                pruned_through.setdefault(name, target.root)
         else:
             result.skipped.append(record)
     model = result.model = pruner.model

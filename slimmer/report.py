@@ -225,6 +225,31 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(_table(("metric", "original", "compressed", "ratio"), summary_rows(report)))
 
 
+def layer_changed(row: dict[str, Any]) -> bool:
+    """Tell whether a row of :func:`layer_table` describes a layer that the steps rewrote, narrowed or made cheaper."""
+    return row["before"] != row["after"] or row["macs_before"] != row["macs_after"]
+
+
+def layer_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Build the report.md Layers section: a table of the changed layers and a count of the unchanged ones."""
+    changed = [row for row in rows if layer_changed(row)]
+    lines = ["## Layers", ""]
+    unchanged = len(rows) - len(changed)
+    if not changed:
+        return lines + [f"No layer changed ({unchanged} counted layers)."]
+    header: tuple[str, ...] = ("layer", "before", "after", "MACs before", "MACs after")
+    table_rows: list[tuple[str, ...]] = [
+        (row["name"], row["before"], row["after"], _format_number(row["macs_before"]), _format_number(row["macs_after"]))
+        for row in changed]
+    if any("reason" in row for row in changed):
+        header += ("why",)
+        table_rows = [cells + (row.get("reason", ""),) for cells, row in zip(table_rows, changed)]
+    if unchanged:
+        lines += [f"{len(changed)} of {len(rows)} counted layers changed; report.json lists the {unchanged} "
+                  "unchanged ones too.", ""]
+    return lines + _table(header, table_rows)
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     parity = report.get("parity") or {}
     lines = [f"# slimmer report: {report.get('recipe', 'recipe')}", "", format_summary(report), ""]
@@ -237,15 +262,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [f"Latency: onnxruntime {protocol['provider']}, graph optimization {protocol['optimization']}, "
                   f"{protocol['threads']} thread(s), {protocol['warmup']} warm-up runs then {protocol['runs']} timed runs, "
                   "original and compressed interleaved.", ""]
-    lines += [MACS_NOTE, "", "## Layers", ""]
-    header: tuple[str, ...] = ("layer", "before", "after", "MACs before", "MACs after")
-    layer_rows: list[tuple[str, ...]] = [
-        (row["name"], row["before"], row["after"], _format_number(row["macs_before"]), _format_number(row["macs_after"]))
-        for row in report["layers"]]
-    if any("reason" in row for row in report["layers"]):
-        header += ("why",)
-        layer_rows = [cells + (row.get("reason", ""),) for cells, row in zip(layer_rows, report["layers"])]
-    lines += _table(header, layer_rows)
+    lines += [MACS_NOTE, ""]
+    lines += layer_lines(report["layers"])
     lines += plan_lines(report)
     if report.get("skipped"):
         lines += ["", "## Skipped", ""]

@@ -334,10 +334,61 @@ def test_data_dependent_compresses(tmp_path: Path, caplog: pytest.LogCaptureFixt
 
     assert {change.name for change in decomposed.changed} == {"conv", "positive"}
     assert skip_reasons(decomposed)["negative"] == "not called in a forward pass on the example input"
-    assert "mix" in {change.details["root"] for change in pruned.changed}
     assert "ONNX export fixed a value computed from the example input at" in caplog.text
     assert "patterns.py" in caplog.text
     assert parity["passed"]
+
+
+def test_prune_skips_group_beside_untaken_branch() -> None:
+    decomposed = slimmer.decompose(build("data_dependent"), LOSSY, EXAMPLE)
+    pruned = slimmer.prune(decomposed.model, PRUNE_ALL_1X1, EXAMPLE)
+    reason = skip_reasons(pruned)["mix"]
+
+    assert "mix" not in {change.details["root"] for change in pruned.changed}
+    assert reason.startswith("the example input never reached negative, which takes or gives 16 channels")
+    assert "data-dependent control flow" in reason
+    # The bottleneck's internal channels never leave it, so they are still pruned.
+    assert "positive.reduce" in {change.details["root"] for change in pruned.changed}
+
+
+def test_pruned_model_runs_untaken_branch() -> None:
+    decomposed = slimmer.decompose(build("data_dependent"), LOSSY, EXAMPLE)
+    pruned = slimmer.prune(decomposed.model, PRUNE_ALL_1X1, EXAMPLE).model
+    negative_inputs = -sample(3, seed=5)
+
+    # Pruning removes weights, so only the shapes can be compared with the unpruned model.
+    expected = outputs(decomposed.model, negative_inputs)
+    found = outputs(pruned, negative_inputs)
+
+    assert [tensor.shape for tensor in found] == [tensor.shape for tensor in expected]
+
+
+class BrokenOnNegative(nn.Module):
+    """A model whose branch for negative-mean inputs expects more channels than the layer before gives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(patterns.CHANNELS, 4, 1)
+        self.positive = nn.Conv2d(4, 4, 1)
+        self.negative = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.positive if bool(x.mean() > 0) else self.negative
+        return branch(self.conv(x))
+
+
+def test_parity_names_untaken_branch(tmp_path: Path) -> None:
+    model = BrokenOnNegative().eval()
+    path = slimmer.export_onnx(model, EXAMPLE, tmp_path / "model.onnx")
+
+    with pytest.raises(CheckFailedError) as caught:
+        slimmer.check_parity(path, model, -sample(2, seed=6), atol=1e-4, rtol=1e-3)
+
+    message = str(caught.value)
+    assert message.startswith("the compressed PyTorch model fails on the parity or validation inputs (RuntimeError: ")
+    assert "data-dependent control flow" in message
+    assert "exclude those layers" in message
+    assert "\n" not in message
 
 
 def shufflenet_stage() -> nn.Module:

@@ -239,3 +239,36 @@ def test_pruned_equals_masked(decomposed_resnet20: nn.Module) -> None:
     assert (pruned_output - masked_output).abs().max().item() <= 1e-5 * scale
     # The removed channels carried signal, so the comparison above is not trivially true.
     assert (unpruned_output - masked_output).abs().max().item() > 1e-3 * scale
+
+
+class ResidualStream(nn.Module):
+    """A 1x1 stem and two blocks that add a 1x1 projection into the same 16-channel stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.inner = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1) for _ in range(2))
+        self.projection = nn.ModuleList(nn.Conv2d(16, 16, 1) for _ in range(2))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for inner, projection in zip(self.inner, self.projection):
+            x = x + projection(F.relu(inner(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("ratio", "round_to", "kept"), [(0.25, 1, 12), (0.75, 8, 8), (0.5, 4, 8)])
+def test_shared_group_pruned_once(ratio: float, round_to: int, kept: int) -> None:
+    torch.manual_seed(0)
+    model = ResidualStream().eval()
+    result = slimmer.prune(model, PruneConfig(targets="all_1x1", ratio=ratio, round_to=round_to), CIFAR_INPUT)
+    reasons = {skip.name: skip.reason for skip in result.skipped}
+
+    assert [change.details["root"] for change in result.changed] == ["stem"]
+    assert result.changed[0].details["channels_after"] == kept
+    assert result.model.stem.out_channels == kept
+    assert [layer.out_channels for layer in result.model.projection] == [kept, kept]
+    assert result.model.head.in_features == kept
+    assert reasons["projection.0"] == "its channel group was already pruned through stem in this step"
+    assert reasons["projection.1"] == "its channel group was already pruned through stem in this step"
