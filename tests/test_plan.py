@@ -188,6 +188,9 @@ def test_target_needs_exactly_one_metric():
     raw = digits_recipe(steps=[{"decompose": {"target": {"macs": 1.5}}}])
     with pytest.raises(RecipeError, match=r"steps\[0\]\.decompose\.target\.macs"):
         recipe_from_dict(raw)
+    raw = digits_recipe(steps=[{"decompose": {"target": {"macs": 0.5, "batch_size": 8}}}])
+    with pytest.raises(RecipeError, match="batch_size apply to a latency target only"):
+        recipe_from_dict(raw)
 
 
 def test_latency_table_is_cached(tmp_path):

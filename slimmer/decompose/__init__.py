@@ -291,8 +291,10 @@ def _decompose_to_target(model: nn.Module, config: DecomposeConfig, example_inpu
             result.skipped.append(LayerSkip(layer.name, "the plan keeps it: every cheaper option adds more error "
                                                         "per saved cost than the budget needed"))
             continue
+        cost = option.cost(plan.metric)
+        amount = f"{cost:.3f}" if plan.metric == "latency" else f"{cost:,.0f}"
         reason = (f"planned for {plan.metric} {plan.target_share:g}: relative output error {option.error:.4f} "
-                  f"at {option.cost(plan.metric):,.6g} {unit(plan.metric)}")
+                  f"at {amount} {unit(plan.metric)}")
         _record_change(result, layer.name, layer.conv, layer.shape, option.form, option.settings, option.macs,
                        option.params, reason, option.error)
     result.stats = {"rewritten": len(result.changed), "skipped": len(result.skipped), "plan": plan.summary(),
