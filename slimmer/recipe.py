@@ -78,7 +78,9 @@ class TargetConfig(_Strict):
         given = [key for key in ("macs", "params", "latency") if getattr(self, key) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of macs, params or latency, found {given or 'none'}")
-        unused = [key for key in ("batch_size", "threads", "latency_cache") if key in self.model_fields_set]
+        # Defaults pass, so a resolved recipe (which lists every field) validates again.
+        unused = [key for key in ("batch_size", "threads", "latency_cache")
+                  if getattr(self, key) != type(self).model_fields[key].default]
         if given != ["latency"] and unused:
             raise ValueError(f"{', '.join(unused)} apply to a latency target only; remove them for a {given[0]} target")
         return self
