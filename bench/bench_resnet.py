@@ -136,7 +136,6 @@ def planning_section(reports: dict[str, tuple[dict, float]], reuse: bool) -> tup
     original = comparison["original_top1"]
     variants = comparison["variants"]
     planned = variants[0]
-    uniform = next(row for row in variants if row["variant"].startswith("uniform") and "data-aware" in row["variant"])
     checks: list[tuple[str, str, bool]] = []
     lines = ["## Budget planning on ResNet-56", "",
              "`bench/bench_plan.py`: every 3x3 convolution of the residual stages replaced, bottleneck ranks "
@@ -148,13 +147,18 @@ def planning_section(reports: dict[str, tuple[dict, float]], reuse: bool) -> tup
     for row in variants:
         lines.append(f"| {row['variant']} | {row['macs_ratio']:.3f}x | {row['top1_init']:.2f} | "
                      f"{row['top1_refit']:.2f} | {row['refit_s']:.1f} |")
+    best_uniform = max((row for row in variants if row["variant"].startswith("uniform")),
+                       key=lambda row: row["top1_refit"])
     bottlenecks = next(row for row in variants if row["variant"].startswith("planned, bottlenecks only"))
-    checks.append(("planned bottleneck ranks beat the uniform ratio before fine-tuning (after refit)",
-                   f"{bottlenecks['top1_refit']:.2f} vs {uniform['top1_refit']:.2f}",
-                   bottlenecks["top1_refit"] > uniform["top1_refit"]))
-    checks.append(("planned forms and ranks beat the uniform ratio before fine-tuning (after refit)",
-                   f"{planned['top1_refit']:.2f} vs {uniform['top1_refit']:.2f}",
-                   planned["top1_refit"] > uniform["top1_refit"]))
+    gap = bottlenecks["top1_refit"] - best_uniform["top1_refit"]
+    lines += ["", "Ranks are multiples of 8, so the uniform ratio closest to the plan's MACs has "
+              f"{best_uniform['macs_ratio'] / planned['macs_ratio'] - 1:+.0%} MACs against the plan. With "
+              f"bottlenecks only, the plan reaches {bottlenecks['top1_refit']:.2f}% after refit against the best "
+              f"uniform {best_uniform['top1_refit']:.2f}% ({gap:+.2f} points; two draws of calibration images "
+              "moved a plan by up to 2 points, docs/experiments.md)."]
+    checks.append(("planned forms and ranks beat the best uniform ratio before fine-tuning (after refit)",
+                   f"{planned['top1_refit']:.2f} vs {best_uniform['top1_refit']:.2f}",
+                   planned["top1_refit"] > best_uniform["top1_refit"]))
     checks.append(("refit beats no refit (planned)", f"{planned['top1_refit']:.2f} vs {planned['top1_init']:.2f}",
                    planned["top1_refit"] > planned["top1_init"]))
     checks.append(("planned top-1 before fine-tuning at most 5 points below the original",
