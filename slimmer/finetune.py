@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 # ln(classes), the cross-entropy of a uniform guess. The first loss comes before any update, so no
 # learning rate can inflate it: with lr=1e6 on the digits demo, the second loss is already 5e11.
 # The window ignores single spikes such as the small last batch of an epoch (up to 10x the first
-# loss on the digits demo), and the ln(classes) floor keeps a loss that starts near 0 from tripping
+# loss on the digits demo). The ln(classes) floor keeps a loss that starts near 0 from tripping
 # on a small rise. With the shipped recipes the window mean peaked at 1.02x the first loss (digits
 # demo, all 66 steps) and 1.00x (resnet20-half-macs, first 200 steps), under 0.09 of the threshold.
 DIVERGENCE_WINDOW = 20

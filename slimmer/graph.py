@@ -1,10 +1,12 @@
-"""Finding layers by qualified name and replacing modules in place of others."""
+"""Finding layers by qualified name, replacing modules in place of others, and running a model with hooks."""
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 from torch import nn
 
 from slimmer.layers import SeparableConv, TuckerBottleneck
@@ -70,3 +72,20 @@ def default_input_shape(model: nn.Module) -> list[int]:
     first = next((module for module in model.modules() if isinstance(module, nn.Conv2d)), None)
     channels = first.in_channels if first is not None else 3
     return [channels, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE]
+
+
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, handles: list[Any], inputs: torch.Tensor, batch_size: int) -> None:
+    """Run ``inputs`` through ``model`` in eval mode, batch by batch, then remove the hook ``handles``.
+
+    The model's training mode is restored afterwards, also when the forward pass raises.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)

@@ -5,9 +5,9 @@ grid of input and output ranks that are multiples of ``round_to``, and separable
 channel multiplier K. Each option has its MACs, parameters, optionally measured onnxruntime
 latency, and its relative output error ``E||y - ŷ||² / E||y||²`` on calibration images (see
 :mod:`slimmer.decompose.datafit`). Allocation then minimizes the sum of the layers' errors
-subject to the budget: each layer's options are reduced to the lower convex hull of
-(cost, error), and a greedy loop repeatedly takes the hull step with the least error added per
-unit of cost saved until the model fits the target. On convex per-layer curves this greedy
+subject to the budget. Each layer's options are reduced to the lower convex hull of
+(cost, error). A greedy loop then repeatedly takes the hull step with the least error added per
+unit of cost saved, until the model fits the target. On convex per-layer curves this greedy
 order is the exact solution of the Lagrangian relaxation of the knapsack problem; it can miss
 the optimum only by the one step that crosses the budget.
 
@@ -385,7 +385,7 @@ def _meet_latency(plan: Plan, original_model: nn.Module, model: nn.Module, examp
     """Measure the planned model and tighten the plan while it misses the latency target.
 
     Per-layer latencies do not add up exactly to a model's (fused batch norm and activations,
-    caches), so the plan is checked on the whole exported model and re-allocated with the budget
+    caches). So the plan is checked on the whole exported model and re-allocated with the budget
     scaled by the measured shortfall, for at most ``LATENCY_ROUNDS`` rounds. Every round aims
     ``LATENCY_MARGIN`` below the target.
     """

@@ -16,7 +16,7 @@ its own, on the input it receives in the model, and the check runs on that bottl
 This works in any model, even one whose whole graph torch-pruning cannot trace. Other 1x1 targets
 (``targets: all_1x1``) use the dependency graph of the whole model. When torch-pruning cannot
 build it, each of them is pruned inside the smallest enclosing module that torch-pruning can
-trace alone and that holds its whole group, and the check runs on that module.
+trace alone and that contains its whole group, and the check runs on that module.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def _unreached_modules(model: nn.Module, shapes: dict[str, LayerShape]) -> list[
 def _unreached_reason(coupled: list[str], channels: int, unreached: list[_Unreached]) -> str | None:
     """Explain why a group of ``channels`` channels may reach a module the example input never ran, else None.
 
-    The trace holds only the modules that ran, so a module on a path not taken is counted as a
-    possible member when it sits in a module that also holds a layer of the group and takes or
+    The trace contains only the modules that ran, so a module on a path not taken is counted as a
+    possible member when it sits in a module that also contains a layer of the group and takes or
     gives ``channels`` channels.
     """
     for module in unreached:
@@ -474,7 +474,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, in
     and never 0. Layers called more than once or holding weights shared with another module are
     skipped. Parameters with
     ``requires_grad=False`` stay frozen. When torch-pruning cannot trace the whole model, each
-    1x1 target is pruned inside the smallest enclosing module it can trace that holds the target's
+    1x1 target is pruned inside the smallest enclosing module it can trace that contains the target's
     whole group. The returned model is checked by a forward pass: output shapes must equal the
     input model's.
     """

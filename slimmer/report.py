@@ -141,7 +141,7 @@ def achieved_share(plan: dict[str, Any], report: dict[str, Any]) -> float | None
 
 
 def plan_lines(report: dict[str, Any]) -> list[str]:
-    """The report.md sections on planned budgets and per-layer sensitivity."""
+    """Format the report.md sections on planned budgets and per-layer sensitivity."""
     lines: list[str] = []
     for plan in report.get("plan", []):
         achieved = plan.get("achieved")

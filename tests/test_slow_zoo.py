@@ -79,7 +79,7 @@ def test_shufflenet_pruned_in_parts() -> None:
 
     assert outcome.passed, outcome.error
     assert traced["stage2.1.branch2.0"] == "stage2.1.branch2"
-    # The branch output joins the other half of the channels, and only the whole graph holds that group.
+    # The branch output joins the other half of the channels, and only the whole graph contains that group.
     assert reasons["stage2.1.branch2.5"].startswith(
         "torch-pruning could not build the dependency graph of the whole model (ZeroDivisionError")
 

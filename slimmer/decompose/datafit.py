@@ -15,10 +15,10 @@ Every replacement is a fixed linear map ``z = Pᵀ p`` followed by a learned one
 Given ``P``, the best map in the least-squares sense is the ridge regression
 ``M = Cyz (Czz + λ I)⁻¹`` with ``Czz = Pᵀ C P`` and ``Cyz = W C P``. A rank limit ``r_out`` keeps
 the top ``r_out`` eigenvectors ``U`` of ``M Czz Mᵀ`` (reduced-rank regression) and gives the core
-``Uᵀ M`` and the expand ``U``. The reduce ``B`` spans the input directions that carry the most
-output energy: with ``C_ch = L Lᵀ`` the channel second moment and ``W_j`` the ``(O, I)`` slice of
-kernel offset ``j``, ``B`` spans ``L⁻ᵀ T_r`` where ``T_r`` are the leading right singular vectors of
-the stacked ``[W_j L]``.
+``Uᵀ M`` and the expand ``U``. The reduce ``B`` spans the input directions that carry the most output energy. Let
+``C_ch = L Lᵀ`` be the channel second moment and ``W_j`` the ``(O, I)`` slice of kernel offset
+``j``. Then ``B`` spans ``L⁻ᵀ T_r``, where ``T_r`` are the leading right singular vectors of the
+stacked ``[W_j L]``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimmer.decompose.separable import separable_factors
+from slimmer.graph import run_with_hooks
 from slimmer.layers import SeparableConv, TuckerBottleneck
 
 # Rows of unfolded patches kept per batch and layer; larger feature maps are subsampled (seeded).
@@ -97,15 +98,7 @@ def collect_moments(model: nn.Module, convs: dict[str, nn.Conv2d], inputs: torch
     moments = {name: PatchMoments(conv, seed=index) for index, (name, conv) in enumerate(convs.items())}
     handles = [conv.register_forward_pre_hook(lambda _module, args, name=name: moments[name].add(args[0]))
                for name, conv in convs.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_hooks(model, handles, inputs, batch_size)
     return {name: moment.second_moment() for name, moment in moments.items()}
 
 

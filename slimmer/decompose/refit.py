@@ -3,7 +3,7 @@
 Let ``Y`` be a replaced layer's output in the original network and ``Z`` the features that feed
 the fitted layers in the compressed network. A layer's weight becomes the ridge solution
 ``W = Yᵀ Z (Zᵀ Z + λ I)⁻¹`` over all output positions, with ``λ = ridge * trace(Zᵀ Z) / dim``.
-For a bottleneck, ``Z`` holds the unfolded patches after its reduce and the solution is cut to
+For a bottleneck, ``Z`` contains the unfolded patches after its reduce and the solution is cut to
 rank ``r_out`` (reduced-rank regression), which gives the core and the expand together; for a
 separable pair, ``Z`` is the depthwise output and only the pointwise layer is refit.
 Layers are refit in execution order, each on the inputs that the already-refit network
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from slimmer.decompose.datafit import refit_bottleneck, unfold_patches
-from slimmer.graph import get_module
+from slimmer.graph import get_module, run_with_hooks
 from slimmer.layers import SeparableConv, TuckerBottleneck
 from slimmer.passes import LayerChange, PassResult
 from slimmer.recipe import RefitConfig
@@ -101,15 +101,7 @@ def capture_inputs(model: nn.Module, names: list[str], inputs: torch.Tensor, bat
         def hook(_module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
             captured[name].append(args[0].detach())
         handles.append(get_module(model, name).register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_hooks(model, handles, inputs, batch_size)
     return {name: torch.cat(tensors) for name, tensors in captured.items()}
 
 
@@ -141,12 +133,7 @@ def capture_outputs(model: nn.Module, names: list[str], inputs: torch.Tensor, ba
         def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any, name: str = name) -> None:
             captured[name].append(output.detach())
         handles.append(get_module(model, name).register_forward_hook(hook))
-    try:
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, handles, inputs, batch_size)
     return {name: torch.cat(tensors) for name, tensors in captured.items()}
 
 
@@ -170,8 +157,8 @@ def refit(model: nn.Module, original: nn.Module, config: RefitConfig, calibratio
     original.eval()
     result = PassResult("refit", model)
     order = _execution_order(model, calibration_inputs)
-    # NOTE: the targets of all replaced layers and one batch of every activation are held in memory
-    # at once, which suits CIFAR-sized inputs; at 224x224 a few hundred images take gigabytes.
+    # NOTE: the targets of all replaced layers and one batch of every activation stay in memory at
+    # once. That suits CIFAR-sized inputs, but at 224x224 a few hundred images take gigabytes.
     targets = capture_outputs(original, order, calibration_inputs, config.batch_size)
     errors: dict[str, tuple[float, float]] = {}
 
